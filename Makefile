@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`  (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install. The default is what runs on a CPU-only machine and on a
+# CUDA 13 GPU alike; pick another build with e.g.
+#   make install TORCH="torch==2.14.1 torchvision==0.29.1" TORCH_INDEX=<PyTorch wheel index for your CUDA>
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
+PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= logs/demo
+
+.PHONY: install demo test test-slow lint bench clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_TORCH_FLAGS) $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The offline default: shapes autoencoder -> shapes latent diffusion -> a sample grid, on the CPU.
+demo: $(STAMP)
+	$(PY) -m ldm_lightning.demo out_dir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check ldm_lightning tests experiments

@@ -1,0 +1,1 @@
+"""Hydra configs; this file lets an imported entry point find them."""

@@ -1,0 +1,1 @@
+"""ldm-lightning: PyTorch Lightning + Hydra experiment framework for latent diffusion."""

@@ -1,0 +1,1 @@
+"""Lightning callbacks: EMA, image logging, FID."""

@@ -1,0 +1,1 @@
+"""Datamodules, datasets, transforms and the latent cache."""

@@ -1,0 +1,35 @@
+"""Diffusion processes in plain torch: noise schedules, parameterisations, loss weighting,
+samplers and classifier-free guidance. Knows nothing of Lightning or Hydra."""
+
+from ldm_lightning.diffusion.guidance import classifier_free_guidance
+from ldm_lightning.diffusion.parameterization import (
+    PREDICTIONS,
+    predict_eps,
+    predict_x0,
+    target,
+)
+from ldm_lightning.diffusion.samplers import (
+    SAMPLERS,
+    TIMESTEP_SPACINGS,
+    inference_timesteps,
+    sample,
+)
+from ldm_lightning.diffusion.schedules import SCHEDULES, NoiseSchedule, extract
+from ldm_lightning.diffusion.weighting import WEIGHTINGS, loss_weight
+
+__all__ = [
+    "PREDICTIONS",
+    "SAMPLERS",
+    "SCHEDULES",
+    "TIMESTEP_SPACINGS",
+    "WEIGHTINGS",
+    "NoiseSchedule",
+    "classifier_free_guidance",
+    "extract",
+    "inference_timesteps",
+    "loss_weight",
+    "predict_eps",
+    "predict_x0",
+    "sample",
+    "target",
+]

@@ -1,0 +1,1 @@
+"""Autoencoder losses: reconstruction, LPIPS, adversarial, regulariser."""

@@ -1,0 +1,1 @@
+"""Metrics via torchmetrics."""

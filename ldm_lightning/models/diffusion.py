@@ -1,0 +1,334 @@
+"""Stage 3: latent diffusion (LDM sec. 3.2-3.3), or pixel-space DDPM with an identity first stage.
+
+Trains ``eps_theta(z_t, t)`` with ``L = E_{z0, eps, t} w(t) ||target - model(z_t, t)||^2``
+(DDPM eq. 14 for ``prediction="eps"`` and uniform ``w``; LDM eq. 2 on latents
+``z0 = scale_factor * E(x)``) and samples with any sampler of :mod:`ldm_lightning.diffusion`.
+Orchestration only: schedules, samplers, guidance and the UNet live in their own modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ldm_lightning.diffusion import (
+    PREDICTIONS,
+    WEIGHTINGS,
+    NoiseSchedule,
+    loss_weight,
+    sample,
+    target,
+)
+from ldm_lightning.models.checkpoints import stamp
+from ldm_lightning.models.first_stage import build_first_stage
+from ldm_lightning.models.optim import scaled_learning_rate
+from ldm_lightning.nn.unet import UNetModel
+
+log = logging.getLogger(__name__)
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
+
+    Args:
+        unet: keyword arguments of :class:`~ldm_lightning.nn.unet.UNetModel`; ``in_channels``
+            and ``out_channels`` default to the first stage's latent channels.
+        first_stage: ``{"ckpt_path": ..., "identity": false}`` (see ``build_first_stage``).
+        image_size: pixel resolution of the data.
+        schedule: ``NoiseSchedule.make`` arguments (``kind``, ``timesteps``, ``beta_start``, ``beta_end``).
+        prediction: what the UNet predicts: "eps" | "v" | "x0".
+        loss_weighting: "uniform" (L_simple) or "min_snr" (Min-SNR-gamma, ``min_snr_gamma``).
+        scale_factor: latent scale; ``None`` estimates ``1/std(z)`` from ``scale_factor_batches``
+            training batches before training and stores it in the checkpoint.
+        optimizer: ``base_lr``, ``scale_lr`` (CompVis' batch scaling), ``betas``,
+            ``weight_decay``, ``warmup_steps`` (linear warm-up).
+        sampling: defaults for validation samples and :meth:`sample` (``sampler``, ``steps``, ``eta``).
+    """
+
+    kind = "latent_diffusion"
+
+    def __init__(
+        self,
+        *,
+        unet: dict[str, Any],
+        first_stage: dict[str, Any],
+        image_size: int = 32,
+        schedule: dict[str, Any] | None = None,
+        prediction: str = "eps",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        scale_factor: float | None = None,
+        scale_factor_batches: int = 16,
+        optimizer: dict[str, Any] | None = None,
+        sampling: dict[str, Any] | None = None,
+        num_log_images: int = 16,
+    ) -> None:
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction={prediction!r} is unknown; valid: {PREDICTIONS}")
+        if loss_weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"model.loss_weighting={loss_weighting!r} is unknown; valid: {WEIGHTINGS}"
+            )
+        self.first_stage, record = build_first_stage(**first_stage)
+        first_stage = {**first_stage, **record}
+        self.save_hyperparameters()
+        self.hparams.first_stage = first_stage
+
+        channels = self.first_stage.latent_channels
+        unet = dict(unet)
+        unet.setdefault("in_channels", channels)
+        unet.setdefault("out_channels", channels)
+        if unet["in_channels"] is None:
+            unet["in_channels"] = channels
+        if unet["out_channels"] is None:
+            unet["out_channels"] = channels
+        if unet["in_channels"] != channels or unet["out_channels"] != channels:
+            raise ValueError(
+                f"the first stage gives latents with {channels} channels, but model.unet has "
+                f"in_channels={unet['in_channels']}, out_channels={unet['out_channels']}; set both "
+                f"to {channels} (or null to follow the first stage)."
+            )
+        factor = self.first_stage.factor
+        if image_size % factor:
+            raise ValueError(
+                f"data.image_size={image_size} is not divisible by the first stage's "
+                f"factor f={factor}"
+            )
+        self.latent_size = image_size // factor
+        unet_factor = 2 ** (len(unet.get("channel_mult", (1, 2, 4, 8))) - 1)
+        if self.latent_size % unet_factor:
+            raise ValueError(
+                f"latents are {self.latent_size}x{self.latent_size} (image_size {image_size} / f "
+                f"{factor}), not divisible by the UNet's downsampling {unet_factor} "
+                f"(channel_mult={list(unet.get('channel_mult'))}); use fewer UNet levels or "
+                "larger images."
+            )
+        self.unet = UNetModel(**unet)
+        self.schedule = NoiseSchedule.make(**(schedule or {}))
+        self.prediction = prediction
+        # A float, not a buffer: EMA weight averaging must not average it.
+        self.scale_factor = float(scale_factor) if scale_factor else None
+
+    # ------------------------------------------------------------------ data
+    @torch.no_grad()
+    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
+        """Unscaled first-stage latents ``[B, C, h, w]`` (what the latent cache stores)."""
+        return self.first_stage.encode(images)
+
+    def first_stage_hash(self) -> str:
+        """Identity of the first stage's weights; the latent cache keys on it."""
+        return self.hparams.first_stage["sha256"]
+
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents ``z0 = scale_factor * E(x)`` of a batch of images or cached latents."""
+        if "latent" in batch:
+            z = batch["latent"]
+        else:
+            with torch.no_grad():
+                z = self.first_stage.encode(batch["image"])
+        return z.float() * self.scale_factor
+
+    def on_fit_start(self) -> None:
+        if self.scale_factor is None:
+            value = self._estimate_scale_factor()
+            self.scale_factor = float(self.trainer.strategy.broadcast(value, src=0))
+            log.info("Latent scale factor estimated from data: %.5f", self.scale_factor)
+
+    @torch.no_grad()
+    def _estimate_scale_factor(self) -> float:
+        """``1 / std(z)`` over the first ``scale_factor_batches`` training batches (LDM sec. 4.3.2)."""
+        total, total_sq, count = 0.0, 0.0, 0
+        for index, batch in enumerate(self.trainer.datamodule.train_dataloader()):
+            if index >= self.hparams.scale_factor_batches:
+                break
+            key = "latent" if "latent" in batch else "image"
+            values = batch[key].to(self.device)
+            z = (values if key == "latent" else self.first_stage.encode(values)).double()
+            total, total_sq, count = (
+                total + z.sum().item(),
+                total_sq + (z * z).sum().item(),
+                count + z.numel(),
+            )
+        if count == 0:
+            raise ValueError("cannot estimate the latent scale factor: the training set is empty")
+        return (total_sq / count - (total / count) ** 2) ** -0.5
+
+    # ------------------------------------------------------------------ training
+    def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
+        """Keyword tensors for the UNet from a batch; unconditional here.
+
+        The hook through which class labels and captions reach the UNet (context for
+        cross-attention, class labels for the time embedding).
+        """
+        return {}
+
+    def diffusion_loss(
+        self,
+        z0: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``mean_b w(t_b) ||target_b - model(z_t, t)_b||^2`` with t ~ U{0..T-1}, eps ~ N(0, I)."""
+        batch = z0.shape[0]
+        device = z0.device
+        t = torch.randint(
+            0,
+            self.schedule.timesteps,
+            (batch,),
+            generator=generator,
+            device="cpu" if generator is not None else device,
+        ).to(device)
+        noise = torch.randn(
+            z0.shape, generator=generator, device="cpu" if generator is not None else device
+        ).to(device)
+        schedule = self.schedule.to(device)
+        z_t = schedule.q_sample(z0, t, noise)
+        prediction = self.unet(z_t, t, **cond).float()
+        per_sample = F.mse_loss(
+            prediction, target(z0, noise, t, schedule, self.prediction), reduction="none"
+        ).mean(dim=tuple(range(1, z0.ndim)))
+        weights = loss_weight(
+            t, schedule, self.prediction, self.hparams.loss_weighting, self.hparams.min_snr_gamma
+        )
+        return (weights * per_sample).mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        z0 = self.latents(batch)
+        loss = self.diffusion_loss(z0, self.conditioning(batch, train=True))
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0]
+        )
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
+        """Loss with noise and timesteps fixed by the batch index, comparable across epochs."""
+        z0 = self.latents(batch)
+        generator = torch.Generator().manual_seed(batch_idx)
+        loss = self.diffusion_loss(z0, self.conditioning(batch, train=False), generator)
+        self.log(
+            f"{prefix}/loss",
+            loss,
+            prog_bar=prefix == "val",
+            on_epoch=True,
+            batch_size=z0.shape[0],
+            sync_dist=True,
+        )
+        if batch_idx == 0 and prefix == "val":
+            self.log("scale_factor", self.scale_factor, on_epoch=True, batch_size=1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = {
+            "base_lr": 1e-4,
+            "scale_lr": False,
+            "betas": (0.9, 0.999),
+            "weight_decay": 0.0,
+            "warmup_steps": 0,
+            **(self.hparams.optimizer or {}),
+        }
+        lr = scaled_learning_rate(self, cfg["base_lr"], cfg["scale_lr"])
+        log.info("Diffusion learning rate %.3g", lr)
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+        )
+        warmup = max(int(cfg["warmup_steps"]), 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------ sampling
+    def model_fn(self, cond: dict[str, torch.Tensor], guidance_scale: float = 1.0):
+        """``model_fn(z_t, t)`` for the samplers: the UNet with its conditioning bound."""
+        if cond:
+            raise ValueError("this model is unconditional; sample it without labels or prompts")
+        return lambda z, t: self.unet(z, t)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int = 16,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float = 1.0,
+        labels: list[int] | None = None,
+        prompts: list[str] | None = None,
+        seed: int = 0,
+        eta: float | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
+
+        The same ``seed`` gives the same images on any device. With ``return_trajectory`` also
+        the latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
+        """
+        if self.scale_factor is None:
+            raise RuntimeError(
+                "the latent scale factor is unknown: train the model (it is "
+                "estimated at the start of fit) or load a trained checkpoint"
+            )
+        defaults = {"sampler": "ddim", "steps": 50, "eta": 0.0, **(self.hparams.sampling or {})}
+        cond = {}
+        if labels is not None or prompts is not None:
+            cond = {"labels": labels, "prompts": prompts}
+        model_fn = self.model_fn(cond, guidance_scale)
+        shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
+        result = sample(
+            model_fn,
+            shape,
+            self.schedule,
+            sampler or defaults["sampler"],
+            steps or defaults["steps"],
+            defaults["eta"] if eta is None else eta,
+            self.prediction,
+            generator=torch.Generator().manual_seed(seed),
+            device=self.device,
+            progress=progress,
+            return_trajectory=return_trajectory,
+        )
+        z, trajectory = result if return_trajectory else (result, None)
+        images = self.decode(z)
+        return (images, trajectory) if return_trajectory else images
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` clamped to [-1, 1]."""
+        return self.first_stage.decode(z / self.scale_factor).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+        """A fixed-seed sample grid and a denoising trajectory (predicted x0 along the steps)."""
+        n = self.hparams.num_log_images
+        images, trajectory = self.sample(n=n, seed=0, return_trajectory=True)
+        columns = min(8, len(trajectory))
+        picks = torch.linspace(0, len(trajectory) - 1, columns).round().long().tolist()
+        rows = min(4, n)
+        frames = torch.stack([self.decode(trajectory[i][:rows].to(self.device)) for i in picks], 1)
+        return {
+            "samples": (images, max(1, int(n**0.5))),
+            "trajectory": (frames.flatten(0, 1), columns),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stamp(checkpoint, self.kind, self)
+        checkpoint["scale_factor"] = self.scale_factor
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("scale_factor") is not None:
+            self.scale_factor = float(checkpoint["scale_factor"])

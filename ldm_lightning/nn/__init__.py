@@ -1,0 +1,1 @@
+"""Plain torch modules (no Lightning, no Hydra): autoencoder nets, quantiser, UNet, attention."""

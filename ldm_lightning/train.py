@@ -1,0 +1,88 @@
+"""Train any stage from a Hydra config: ``python -m ldm_lightning.train +experiment=shapes_vq``.
+
+Seeds everything, instantiates datamodule, module, callbacks, loggers and trainer from the
+config, prints and saves the resolved config, fits (resuming from ``ckpt_path``), tests the
+best checkpoint and returns ``optimized_metric`` for sweeps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_lightning.utils.config_tree import print_config_tree
+from ldm_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
+
+log = logging.getLogger(__name__)
+
+
+def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
+    """The value of ``name`` among the logged metrics, for Hydra sweepers to optimise."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(
+            f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}. "
+            "Set optimized_metric to one of them."
+        )
+    return float(metrics[name])
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test one run; returns the logged metrics (fit and test merged)."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    print_config_tree(cfg, save_dir=cfg.paths.output_dir)
+
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    try:
+        if cfg.get("train", True):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = dict(trainer.callback_metrics)
+        if cfg.get("test", False):
+            best = (
+                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            )
+            if not best:
+                log.warning("No best checkpoint was saved; testing the current weights.")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+            metrics.update(trainer.callback_metrics)
+    finally:
+        _finish_wandb()
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
+
+
+def _finish_wandb() -> None:
+    """Close the wandb run even when training raised, so the next run starts clean."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Classifier-free guidance: the formula u + w (c - u), one doubled forward pass, and sampling."""
+
+import pytest
+import torch
+
+from ldm_lightning.diffusion import NoiseSchedule, classifier_free_guidance, sample
+
+
+class CountingModel(torch.nn.Module):
+    """out = 0.5 x + 0.001 t + context.mean(tokens) (+ y): records every call's batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x, t, context, y):
+        self.batch_sizes.append(x.shape[0])
+        shift = context.mean(dim=1).view(-1, x.shape[1], 1, 1) + y.view(-1, 1, 1, 1)
+        return 0.5 * x + 0.001 * t.view(-1, 1, 1, 1).float() + shift
+
+
+@pytest.fixture
+def conditioning() -> tuple[dict, dict]:
+    cond = {"context": torch.randn(3, 4, 2), "y": torch.tensor([1.0, 2.0, 3.0])}
+    uncond = {"context": torch.zeros(3, 4, 2), "y": torch.zeros(3)}
+    return cond, uncond
+
+
+def test_formula_and_single_doubled_forward(conditioning):
+    cond, uncond = conditioning
+    model = CountingModel()
+    x = torch.randn(3, 2, 5, 5)
+    t = torch.tensor([10, 500, 999])
+    guided = classifier_free_guidance(model, 4.0, cond, uncond)(x, t)
+    assert model.batch_sizes == [6]
+
+    base = 0.5 * x + 0.001 * t.view(-1, 1, 1, 1).float()
+    u = base  # null context and null label shift by zero
+    c = base + cond["context"].mean(1).view(3, 2, 1, 1) + cond["y"].view(3, 1, 1, 1)
+    torch.testing.assert_close(guided, u + 4.0 * (c - u))
+    # by hand for one element: u + 4 (c - u) = base + 4 * shift
+    shift = cond["context"][0, :, 0].mean() + 1.0
+    torch.testing.assert_close(guided[0, 0, 0, 0], base[0, 0, 0, 0] + 4 * shift)
+
+
+def test_uncond_half_comes_first(conditioning):
+    """scale = 0 returns the unconditional output: the first half of the doubled batch."""
+    cond, uncond = conditioning
+    model = CountingModel()
+    x, t = torch.randn(3, 2, 5, 5), torch.tensor([1, 2, 3])
+    out = classifier_free_guidance(model, 0.0, cond, uncond)(x, t)
+    torch.testing.assert_close(out, model(x, t, **uncond))
+
+
+def test_scale_one_is_a_plain_conditional_call(conditioning):
+    cond, uncond = conditioning
+    model = CountingModel()
+    x, t = torch.randn(3, 2, 5, 5), torch.tensor([1, 2, 3])
+    out = classifier_free_guidance(model, 1.0, cond, uncond)(x, t)
+    assert model.batch_sizes == [3]
+    torch.testing.assert_close(out, model(x, t, **cond))
+
+
+def test_guided_sampling_calls_once_per_step(conditioning):
+    cond, uncond = conditioning
+    model = CountingModel()
+    schedule = NoiseSchedule.make("linear", timesteps=100)
+    model_fn = classifier_free_guidance(model, 3.0, cond, uncond)
+    x = sample(
+        model_fn,
+        (3, 2, 5, 5),
+        schedule,
+        sampler="ddim",
+        steps=7,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert model.batch_sizes == [6] * 7
+    assert x.shape == (3, 2, 5, 5) and torch.isfinite(x).all()
+
+
+def test_mismatched_conditioning_is_rejected(conditioning):
+    cond, uncond = conditioning
+    with pytest.raises(ValueError, match="same keys"):
+        classifier_free_guidance(CountingModel(), 2.0, cond, {"context": uncond["context"]})
+    with pytest.raises(ValueError, match="must match"):
+        classifier_free_guidance(
+            CountingModel(), 2.0, cond, {"context": torch.zeros(1, 4, 2), "y": uncond["y"]}
+        )

@@ -1,0 +1,56 @@
+"""Every experiment composes; unknown keys and experiments fail before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from tests.hydra_utils import compose_config
+
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(name: str, tmp_path: Path) -> None:
+    cfg = compose_config([f"+experiment={name}"], tmp_path)
+    resolved = OmegaConf.to_container(cfg.model, resolve=True)
+    assert cfg.task_name == name
+    assert resolved["_target_"].startswith("ldm_lightning.models.")
+    assert cfg.data._target_.startswith("ldm_lightning.data.")
+
+
+def test_real_data_experiments_start_from_compvis_defaults(tmp_path: Path) -> None:
+    vq = compose_config(["+experiment=pets_vq"], tmp_path).model
+    assert (vq.ch, list(vq.ch_mult), vq.num_res_blocks, vq.embed_dim, vq.n_embed, vq.beta) == (
+        128,
+        [1, 2, 4],
+        2,
+        3,
+        8192,
+        0.25,
+    )
+    assert vq.loss.disc_weight == 0.75 and list(vq.optimizer.betas) == [0.5, 0.9]
+    assert vq.optimizer.base_lr == 4.5e-6 and vq.optimizer.scale_lr
+    kl = compose_config(["+experiment=pets_kl"], tmp_path).model
+    assert (
+        kl.regularizer,
+        list(kl.ch_mult),
+        kl.loss.kl_weight,
+        kl.loss.disc_start,
+        kl.loss.disc_weight,
+    ) == ("kl", [1, 2, 4, 4], 1e-6, 50001, 0.5)
+
+
+def test_unknown_experiment_is_a_hydra_error(tmp_path: Path) -> None:
+    with pytest.raises(MissingConfigException, match="experiment"):
+        compose_config(["+experiment=does_not_exist"], tmp_path)
+
+
+def test_unknown_key_is_a_hydra_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match="bogus"):
+        compose_config(["+experiment=shapes_vq", "model.bogus=1"], tmp_path)

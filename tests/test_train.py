@@ -1,0 +1,110 @@
+"""`python -m ldm_lightning.train` end to end on tiny shapes: runs, files, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from ldm_lightning.models.checkpoints import checkpoint_kind
+from ldm_lightning.train import metric_value, train
+from tests.hydra_utils import TINY_AUTOENCODER, compose_config
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("experiment", ["shapes_vq", "shapes_kl"])
+def test_fast_dev_run(experiment: str, tmp_path: Path) -> None:
+    overrides = [
+        o
+        for o in TINY_AUTOENCODER
+        if not o.startswith("model.n_embed") or experiment == "shapes_vq"
+    ]
+    cfg = compose_config([f"+experiment={experiment}", "debug=fdr", *overrides], tmp_path)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/rec_loss"]))
+    assert "train/rec_loss" in metrics
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    assert saved.model.regularizer == experiment.split("_")[1]
+    assert "CONFIG" in (tmp_path / "config_tree.log").read_text()
+
+
+def test_a_run_writes_checkpoint_reconstruction_grid_and_psnr(tmp_path: Path) -> None:
+    cfg = compose_config(["+experiment=shapes_vq", *TINY_AUTOENCODER], tmp_path)
+    metrics = train(cfg)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint_kind(checkpoint) == "autoencoder"
+    grids = list((tmp_path / "images").glob("reconstructions_epoch000_*.png"))
+    assert len(grids) == 1 and grids[0].stat().st_size > 0
+    assert 0 < metrics["test/psnr"] < 100 and "test/codebook_usage" in metrics
+    assert metric_value(metrics, cfg.optimized_metric) == pytest.approx(metrics["val/rec_loss"])
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_optimized_metric_must_have_been_logged() -> None:
+    with pytest.raises(KeyError, match="was not logged"):
+        metric_value({"val/loss": 1.0}, "val/fid")
+
+
+def test_resume_continues_global_step_and_optimizer_state(tmp_path: Path) -> None:
+    first = compose_config(
+        ["+experiment=shapes_vq", *TINY_AUTOENCODER, "test=false", "model.loss.disc_start=2"],
+        tmp_path / "a",
+    )
+    train(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    # 4 batches: G steps on all 4, D steps from batch 2 on: 4 + 2 optimizer steps.
+    assert saved["global_step"] == 6 and saved["state_dict"]["train_batches"] == 4
+
+    second = compose_config(
+        [
+            "+experiment=shapes_vq",
+            *TINY_AUTOENCODER,
+            "test=false",
+            "model.loss.disc_start=2",
+            "trainer.max_epochs=2",
+            f"ckpt_path={last}",
+        ],
+        tmp_path / "b",
+    )
+    train(second)
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 1 and resumed["state_dict"]["train_batches"] == 8
+    assert resumed["global_step"] == 6 + 8
+    adam_g = resumed["optimizer_states"][0]["state"]
+    assert int(next(iter(adam_g.values()))["step"]) == 8
+
+
+def test_command_line_entry_point(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ldm_lightning.train",
+            "+experiment=shapes_vq",
+            "debug=fdr",
+            *TINY_AUTOENCODER,
+            f"hydra.run.dir={run_dir}",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_run_directories_follow_task_and_time(tmp_path: Path) -> None:
+    compose_config(["+experiment=shapes_vq"], tmp_path)
+    hydra_cfg = HydraConfig.get()
+    run_dir, sweep_dir = hydra_cfg.run.dir, hydra_cfg.sweep.dir
+    assert "/shapes_vq/runs/" in run_dir and "/shapes_vq/multiruns/" in sweep_dir
