@@ -9,7 +9,9 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= logs/demo
+# Each demo run gets its own directory, so a rerun never overwrites an earlier one.
+DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+DEMO_DIR ?= logs/demo/$(DEMO_STAMP)
 
 .PHONY: install demo test test-slow lint bench clean-demo
 
@@ -23,8 +25,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## The offline default: shapes autoencoder -> shapes latent diffusion -> a sample grid, on the CPU.
+## Stage 2 points at stage 1's checkpoint: the documented way to chain stages.
 demo: $(STAMP)
-	$(PY) -m ldm_lightning.demo out_dir=$(DEMO_DIR)
+	$(PY) -m ldm_lightning.train +experiment=shapes_vq hydra.run.dir=$(DEMO_DIR)/autoencoder
+	$(PY) -m ldm_lightning.train +experiment=shapes_ldm hydra.run.dir=$(DEMO_DIR)/diffusion \
+		model.first_stage.ckpt_path=$(DEMO_DIR)/autoencoder/checkpoints/last.ckpt
+	$(PY) -m ldm_lightning.sample hydra.run.dir=$(DEMO_DIR)/samples num_samples=64 \
+		ckpt_path=$(DEMO_DIR)/diffusion/checkpoints/last.ckpt
+	@echo "Demo done: $(DEMO_DIR)/samples/grid.png (reconstructions in $(DEMO_DIR)/autoencoder/images)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,8 +1,8 @@
 """Time DDPM-1000 against DDIM-50 and DPM-Solver++(2M)-20 on one model and batch, with quality.
 
-Speed: every sampler (timestep_spacing "leading" unless named) drives the same untrained denoiser (a small UNet-like conv net, or the
-project's ``UNetModel`` with ``--model unet``) on the same batch; the table gives wall time, model
-calls and the speed-up over DDPM-1000.
+Speed: every sampler (timestep_spacing "leading" unless named) drives the same untrained
+denoiser (a small UNet-like conv net, or the project's ``UNetModel`` with ``--model unet``) on the
+same batch; the table gives wall time, model calls and the speed-up over DDPM-1000.
 
 Quality: a speed-up means little if the samples are worse, so each configuration also samples
 x0 ~ N(mu, s^2) with that data's exact denoiser E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2)

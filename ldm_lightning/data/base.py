@@ -4,7 +4,10 @@ Every dataset in this package yields samples as dicts::
 
     {"image": FloatTensor [3, H, W] in [-1, 1], "label": int, "caption": str}
 
-so every stage (autoencoder, conditioner, diffusion) reads any dataset the same way.
+so every stage (autoencoder, conditioner, diffusion) reads any dataset the same way. With
+``cache_latents=True`` and a latent diffusion module in the trainer, each split is encoded
+once by the frozen first stage and served from the on-disk latent cache instead, as
+``{"latent": FloatTensor [C, h, w], "label": int, "caption": str}``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ldm_lightning.data.latent_cache import CacheKey, LatentDataset, build_latent_cache
 
 SPLITS = ("train", "val", "test")
 
@@ -33,6 +38,8 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         drop_last: bool = True,
+        cache_latents: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if image_size <= 0:
@@ -43,6 +50,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.drop_last = drop_last
+        if cache_latents and not cache_dir:
+            raise ValueError(
+                "data.cache_latents=true needs data.cache_dir (e.g. ${paths.cache_dir})"
+            )
+        self.cache_latents = cache_latents
+        self.cache_dir = cache_dir
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -65,6 +78,8 @@ class ImageDataModule(pl.LightningDataModule):
             "persistent_workers",
             "drop_last",
             "datasets",
+            "cache_latents",
+            "cache_dir",
             *vars(pl.LightningDataModule()),
         }
         fields = {
@@ -79,13 +94,61 @@ class ImageDataModule(pl.LightningDataModule):
         """Number of integer labels (0 when the dataset is unlabelled)."""
         return 0
 
-    def build_split(self, split: str) -> Dataset:  # pragma: no cover - abstract
+    def build_split(self, split: str, augment: bool | None = None) -> Dataset:  # pragma: no cover
+        """The dataset of ``split``; ``augment`` (default: train only): random crops, flips."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        use_cache = self.cache_latents and hasattr(module, "encode_for_cache")
+        if self.cache_latents and module is not None and not use_cache:
+            raise ValueError(
+                f"data.cache_latents=true, but {type(module).__name__} has no first stage to "
+                "encode with; set data.cache_latents=false for this model."
+            )
         for split in SPLITS:
             if split not in self.datasets:
-                self.datasets[split] = self.build_split(split)
+                self.datasets[split] = (
+                    self._cached(split, module) if use_cache else (self.build_split(split))
+                )
+
+    def _cached(self, split: str, module: pl.LightningModule) -> Dataset:
+        """Latents of ``split`` from the cache, encoded once by ``module``'s first stage.
+
+        The cache stores un-augmented images (centre crops) and, where the split flips at
+        random, the latents of the mirrored images too; the dataset picks one of the two.
+        """
+        flip = split == "train" and bool(getattr(self, "flip", False))
+        key = CacheKey(
+            autoencoder_hash=module.first_stage_hash(),
+            dataset=self.name,
+            split=split,
+            transforms=self.transform_signature(),
+            flip=flip,
+        )
+        strategy = self.trainer.strategy
+        device = strategy.root_device
+        module.first_stage.to(device)
+
+        def build(rank: int):
+            return build_latent_cache(
+                module.encode_for_cache,
+                self.build_split(split, augment=False),
+                self.cache_dir,
+                key,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                device=device,
+                rank=rank,
+                world_size=self.trainer.world_size,
+            )
+
+        rank = self.trainer.global_rank
+        cache = build(0) if rank == 0 else None
+        strategy.barrier("latent_cache")
+        if cache is None:
+            cache = build(rank)
+        return LatentDataset(cache, random_flip=flip)
 
     def dataset(self, split: str) -> Dataset:
         self.setup()
@@ -94,14 +157,14 @@ class ImageDataModule(pl.LightningDataModule):
     def loader(self, split: str, shuffle: bool | None = None, **overrides: Any) -> DataLoader:
         """A DataLoader over ``split``; training shuffles and drops the last partial batch."""
         train = split == "train"
-        kwargs: dict[str, Any] = dict(
-            batch_size=self.batch_size,
-            shuffle=train if shuffle is None else shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            drop_last=self.drop_last and train,
-        )
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "shuffle": train if shuffle is None else shuffle,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+            "drop_last": self.drop_last and train,
+        }
         kwargs.update(overrides)
         return DataLoader(self.dataset(split), **kwargs)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -87,18 +88,13 @@ class CelebAHQDataModule(ImageDataModule):
         self,
         root: str,
         image_size: int = 256,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        drop_last: bool = True,
         num_train: int = 25000,
         label_attribute: str = "Male",
         flip: bool = True,
         on_corrupt: str = "skip",
+        **loader_kwargs: Any,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, pin_memory, persistent_workers,
-                         drop_last)
+        super().__init__(image_size=image_size, **loader_kwargs)
         if num_train <= 0:
             raise ValueError(f"data.num_train must be positive, got {num_train}")
         self.root = Path(root)

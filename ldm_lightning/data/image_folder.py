@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -129,11 +130,6 @@ class ImageFolderDataModule(ImageDataModule):
         self,
         root: str,
         image_size: int = 64,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        drop_last: bool = True,
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         seed: int = 0,
@@ -141,9 +137,9 @@ class ImageFolderDataModule(ImageDataModule):
         random_crop: bool = True,
         captions_file: str = "captions.jsonl",
         on_corrupt: str = "skip",
+        **loader_kwargs: Any,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, pin_memory, persistent_workers,
-                         drop_last)
+        super().__init__(image_size=image_size, **loader_kwargs)
         check_split_fractions(val_fraction, test_fraction)
         self.root = Path(root)
         self.val_fraction = val_fraction

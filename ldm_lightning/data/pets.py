@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision.datasets import OxfordIIITPet
@@ -85,20 +86,15 @@ class PetsDataModule(ImageDataModule):
         self,
         root: str,
         image_size: int = 256,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        drop_last: bool = True,
         download: bool = True,
         classes: Sequence[str] | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
         flip: bool = True,
         on_corrupt: str = "skip",
+        **loader_kwargs: Any,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, pin_memory, persistent_workers,
-                         drop_last)
+        super().__init__(image_size=image_size, **loader_kwargs)
         check_split_fractions(val_fraction)
         self.root = Path(root)
         self.base = self.root / "oxford-iiit-pet"

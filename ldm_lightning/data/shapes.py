@@ -172,5 +172,6 @@ class ShapesDataModule(ImageDataModule):
     def num_classes(self) -> int:
         return NUM_CLASSES
 
-    def build_split(self, split: str) -> ShapesDataset:
+    def build_split(self, split: str, augment: bool | None = None) -> ShapesDataset:
+        # Shapes are drawn at random already; there is no augmentation to switch.
         return ShapesDataset(self.sizes[split], self.image_size, split, self.seed, self.antialias)

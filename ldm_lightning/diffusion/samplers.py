@@ -198,7 +198,7 @@ def sample(
     def noise() -> Tensor:
         return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
 
-    iterator = zip(timesteps, timesteps[1:] + [-1])
+    iterator = zip(timesteps, [*timesteps[1:], -1], strict=True)
     if progress:
         from tqdm.auto import tqdm
 

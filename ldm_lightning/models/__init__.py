@@ -1,5 +1,7 @@
 """The LightningModules of the three stages."""
 
 from ldm_lightning.models.autoencoder import AutoencoderModule
+from ldm_lightning.models.conditioner import ConditionerModule
+from ldm_lightning.models.diffusion import LatentDiffusionModule
 
-__all__ = ["AutoencoderModule"]
+__all__ = ["AutoencoderModule", "ConditionerModule", "LatentDiffusionModule"]

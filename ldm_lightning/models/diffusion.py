@@ -19,11 +19,13 @@ from ldm_lightning.diffusion import (
     PREDICTIONS,
     WEIGHTINGS,
     NoiseSchedule,
+    classifier_free_guidance,
     loss_weight,
     sample,
     target,
 )
 from ldm_lightning.models.checkpoints import stamp
+from ldm_lightning.models.conditioning import Conditioning
 from ldm_lightning.models.first_stage import build_first_stage
 from ldm_lightning.models.optim import scaled_learning_rate
 from ldm_lightning.nn.unet import UNetModel
@@ -39,14 +41,18 @@ class LatentDiffusionModule(pl.LightningModule):
             and ``out_channels`` default to the first stage's latent channels.
         first_stage: ``{"ckpt_path": ..., "identity": false}`` (see ``build_first_stage``).
         image_size: pixel resolution of the data.
-        schedule: ``NoiseSchedule.make`` arguments (``kind``, ``timesteps``, ``beta_start``, ``beta_end``).
+        schedule: ``NoiseSchedule.make`` arguments (``kind``, ``timesteps``, ``beta_start``,
+            ``beta_end``).
         prediction: what the UNet predicts: "eps" | "v" | "x0".
         loss_weighting: "uniform" (L_simple) or "min_snr" (Min-SNR-gamma, ``min_snr_gamma``).
         scale_factor: latent scale; ``None`` estimates ``1/std(z)`` from ``scale_factor_batches``
             training batches before training and stores it in the checkpoint.
         optimizer: ``base_lr``, ``scale_lr`` (CompVis' batch scaling), ``betas``,
             ``weight_decay``, ``warmup_steps`` (linear warm-up).
-        sampling: defaults for validation samples and :meth:`sample` (``sampler``, ``steps``, ``eta``).
+        sampling: defaults for validation samples and :meth:`sample` (``sampler``, ``steps``,
+            ``eta``, ``timestep_spacing``).
+        conditioning: :class:`~ldm_lightning.models.conditioning.Conditioning` arguments
+            (``kind`` and its options); None: unconditional.
     """
 
     kind = "latent_diffusion"
@@ -66,6 +72,7 @@ class LatentDiffusionModule(pl.LightningModule):
         optimizer: dict[str, Any] | None = None,
         sampling: dict[str, Any] | None = None,
         num_log_images: int = 16,
+        conditioning: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -87,6 +94,11 @@ class LatentDiffusionModule(pl.LightningModule):
             unet["in_channels"] = channels
         if unet["out_channels"] is None:
             unet["out_channels"] = channels
+        self.conditioner = Conditioning(**(conditioning or {}))
+        # Like the first stage: record a loaded text encoder's hyperparameters, so the
+        # checkpoint alone rebuilds it.
+        self.hparams.conditioning = {**(conditioning or {}), **self.conditioner.record()}
+        unet.update(self.conditioner.unet_kwargs())
         if unet["in_channels"] != channels or unet["out_channels"] != channels:
             raise ValueError(
                 f"the first stage gives latents with {channels} channels, but model.unet has "
@@ -109,7 +121,7 @@ class LatentDiffusionModule(pl.LightningModule):
                 "larger images."
             )
         self.unet = UNetModel(**unet)
-        self.schedule = NoiseSchedule.make(**(schedule or {}))
+        self.schedule = NoiseSchedule.make(**{"kind": "linear", **(schedule or {})})
         self.prediction = prediction
         # A float, not a buffer: EMA weight averaging must not average it.
         self.scale_factor = float(scale_factor) if scale_factor else None
@@ -134,6 +146,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return z.float() * self.scale_factor
 
     def on_fit_start(self) -> None:
+        self.conditioner.prepare(self.trainer.datamodule)
         if self.scale_factor is None:
             value = self._estimate_scale_factor()
             self.scale_factor = float(self.trainer.strategy.broadcast(value, src=0))
@@ -141,7 +154,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def _estimate_scale_factor(self) -> float:
-        """``1 / std(z)`` over the first ``scale_factor_batches`` training batches (LDM sec. 4.3.2)."""
+        """``1 / std(z)`` over the first ``scale_factor_batches`` training batches (LDM 4.3.2)."""
         total, total_sq, count = 0.0, 0.0, 0
         for index, batch in enumerate(self.trainer.datamodule.train_dataloader()):
             if index >= self.hparams.scale_factor_batches:
@@ -160,12 +173,8 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
-        """Keyword tensors for the UNet from a batch; unconditional here.
-
-        The hook through which class labels and captions reach the UNet (context for
-        cross-attention, class labels for the time embedding).
-        """
-        return {}
+        """UNet keyword tensors (cross-attention context, class labels) for a batch."""
+        return self.conditioner(batch, train)
 
     def diffusion_loss(
         self,
@@ -252,12 +261,6 @@ class LatentDiffusionModule(pl.LightningModule):
         }
 
     # ------------------------------------------------------------------ sampling
-    def model_fn(self, cond: dict[str, torch.Tensor], guidance_scale: float = 1.0):
-        """``model_fn(z_t, t)`` for the samplers: the UNet with its conditioning bound."""
-        if cond:
-            raise ValueError("this model is unconditional; sample it without labels or prompts")
-        return lambda z, t: self.unet(z, t)
-
     @torch.no_grad()
     def sample(
         self,
@@ -271,22 +274,35 @@ class LatentDiffusionModule(pl.LightningModule):
         eta: float | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
+        negative_prompts: list[str] | None = None,
+        unconditional: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
-        The same ``seed`` gives the same images on any device. With ``return_trajectory`` also
-        the latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
+        Conditional models take ``labels`` or ``prompts`` and apply classifier-free guidance
+        ``eps_u + s (eps_c - eps_u)``, ``s = guidance_scale``, in one batched forward pass (Ho &
+        Salimans 2022, eq. 6); ``unconditional=True`` samples with the null condition. The same
+        ``seed`` gives the same images on any device. With ``return_trajectory`` also the
+        latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
         """
         if self.scale_factor is None:
             raise RuntimeError(
                 "the latent scale factor is unknown: train the model (it is "
                 "estimated at the start of fit) or load a trained checkpoint"
             )
-        defaults = {"sampler": "ddim", "steps": 50, "eta": 0.0, **(self.hparams.sampling or {})}
-        cond = {}
-        if labels is not None or prompts is not None:
-            cond = {"labels": labels, "prompts": prompts}
-        model_fn = self.model_fn(cond, guidance_scale)
+        defaults = {
+            "sampler": "ddim",
+            "steps": 50,
+            "eta": 0.0,
+            "timestep_spacing": "trailing",
+            **(self.hparams.sampling or {}),
+        }
+        cond, uncond = self.conditioner.for_sampling(
+            n, labels, prompts, negative_prompts, unconditional
+        )
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        uncond = {k: v.to(self.device) for k, v in uncond.items()}
+        model_fn = classifier_free_guidance(self.unet, guidance_scale, cond, uncond)
         shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
         result = sample(
             model_fn,
@@ -314,7 +330,8 @@ class LatentDiffusionModule(pl.LightningModule):
     def log_images(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
         """A fixed-seed sample grid and a denoising trajectory (predicted x0 along the steps)."""
         n = self.hparams.num_log_images
-        images, trajectory = self.sample(n=n, seed=0, return_trajectory=True)
+        condition = self.conditioner.sampling_inputs(batch, n)
+        images, trajectory = self.sample(n=n, seed=0, return_trajectory=True, **condition)
         columns = min(8, len(trajectory))
         picks = torch.linspace(0, len(trajectory) - 1, columns).round().long().tolist()
         rows = min(4, n)

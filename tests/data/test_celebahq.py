@@ -171,7 +171,7 @@ def test_missing_data_gives_layout_instructions(tmp_path: Path) -> None:
 
 def test_hydra_config_instantiates(mask_hq) -> None:
     data_dir = mask_hq[0].parent
-    config = OmegaConf.create({"paths": {"data_dir": str(data_dir)},
+    config = OmegaConf.create({"paths": {"data_dir": str(data_dir), "cache_dir": "unused"},
                                "data": OmegaConf.load(CONFIG)})
     config.data.merge_with({"image_size": 8, "num_train": 9, "batch_size": 2, "num_workers": 0})
     datamodule = instantiate(config.data)

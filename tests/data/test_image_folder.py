@@ -172,7 +172,7 @@ def test_bad_fractions_and_too_small_splits(tmp_path: Path) -> None:
 
 def test_hydra_config_instantiates(tmp_path: Path) -> None:
     make_fake_image_folder(tmp_path / "images", {"cat": 5, "dog": 5})
-    config = OmegaConf.create({"paths": {"data_dir": str(tmp_path)},
+    config = OmegaConf.create({"paths": {"data_dir": str(tmp_path), "cache_dir": "unused"},
                                "data": OmegaConf.load(CONFIG)})
     config.data.merge_with({"image_size": 8, "batch_size": 3, "num_workers": 0})
     datamodule = instantiate(config.data)

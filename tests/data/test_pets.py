@@ -195,7 +195,7 @@ def test_failed_download_explains_the_manual_route(
 
 
 def test_hydra_config_instantiates_and_loads_a_batch(pets_root: Path) -> None:
-    config = OmegaConf.create({"paths": {"data_dir": str(pets_root)},
+    config = OmegaConf.create({"paths": {"data_dir": str(pets_root), "cache_dir": "unused"},
                                "data": OmegaConf.load(CONFIG)})
     config.data.merge_with({"image_size": 16, "batch_size": 4, "num_workers": 0})
     datamodule = instantiate(config.data)

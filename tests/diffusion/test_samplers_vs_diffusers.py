@@ -5,10 +5,10 @@ DDIM with set_alpha_to_one=True (the last step lands on abar = 1), DPM-Solver++ 
 final_sigmas_type="zero" and lower_order_final=True. Random draws come from one generator per
 side seeded alike: x_T first, then one draw per stochastic step.
 
-diffusers derives step coefficients such as beta_t = 1 - abar_t / abar_{t-1} from float32 abar, which
-keeps only ~4 digits of beta_t near t = 0 and drifts ~1e-3 from float64 over 1000 DDPM steps. The
-schedules themselves are compared in float32 in test_schedules.py; here diffusers is handed the
-float64 abar (``exact_abar``) so that the comparison measures the algorithms to 1e-5.
+diffusers derives step coefficients such as beta_t = 1 - abar_t / abar_{t-1} from float32 abar,
+which keeps only ~4 digits of beta_t near t = 0 and drifts ~1e-3 from float64 over 1000 DDPM
+steps. The schedules themselves are compared in float32 in test_schedules.py; here diffusers is
+handed the float64 abar (``exact_abar``) so that the comparison measures the algorithms to 1e-5.
 """
 
 import pytest
@@ -97,7 +97,7 @@ def test_ddim_deterministic_matches(model, kind, prediction, spacing, steps):
         return_trajectory=True,
     )
     assert len(preds) == steps
-    for ours, theirs in zip(preds, preds_ref):
+    for ours, theirs in zip(preds, preds_ref, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x, x_ref, atol=1e-5, rtol=1e-5)
 

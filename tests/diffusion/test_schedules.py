@@ -78,7 +78,8 @@ def test_q_posterior_is_gaussian_conditioning():
     abar = abar64[t].view(-1, 1, 1, 1)
     abar_prev = abar64[t - 1].view(-1, 1, 1, 1)
     alpha = abar / abar_prev
-    # x_{t-1} = sqrt(abar_prev) x0 + sqrt(1-abar_prev) e1,  x_t = sqrt(alpha) x_{t-1} + sqrt(1-alpha) e2
+    # x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) e1
+    # x_t = sqrt(alpha) x_{t-1} + sqrt(1 - alpha) e2
     cov = alpha.sqrt() * (1 - abar_prev)
     expected_mean = abar_prev.sqrt() * x0.double() + cov / (1 - abar) * (
         x_t.double() - abar.sqrt() * x0.double()

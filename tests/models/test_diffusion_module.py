@@ -1,0 +1,212 @@
+"""LatentDiffusionModule: start-up checks, loss, scale factor, cache, EMA, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ldm_lightning.data.latent_cache import LatentDataset
+from ldm_lightning.data.shapes import ShapesDataModule
+from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
+from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.train import train
+from tests.hydra_utils import TINY_AUTOENCODER, compose_config
+
+TINY_UNET = {
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [2],
+    "num_head_channels": 8,
+}
+TINY_LDM = [
+    "data.image_size=16",
+    "data.batch_size=4",
+    "data.num_train=16",
+    "data.num_val=8",
+    "data.num_test=8",
+    "model.unet.model_channels=16",
+    "model.unet.channel_mult=[1,2]",
+    "model.unet.attention_resolutions=[2]",
+    "model.unet.num_head_channels=8",
+    "model.sampling.steps=4",
+    "model.num_log_images=4",
+    "trainer.max_epochs=1",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="module")
+def autoencoder_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ae")
+    train(compose_config(["+experiment=shapes_vq", *TINY_AUTOENCODER, "test=false"], run))
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def ldm_run(autoencoder_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ldm")
+    train(
+        compose_config(
+            [
+                "+experiment=shapes_ldm",
+                *TINY_LDM,
+                f"model.first_stage.ckpt_path={autoencoder_ckpt}",
+            ],
+            run,
+        )
+    )
+    return run
+
+
+def tiny_pixel_ddpm(**overrides) -> LatentDiffusionModule:
+    kwargs = dict(
+        unet=TINY_UNET,
+        first_stage={"identity": True},
+        image_size=16,
+        schedule={"kind": "linear", "timesteps": 100},
+        scale_factor=1.0,
+    )
+    return LatentDiffusionModule(**{**kwargs, **overrides})
+
+
+def test_unet_channels_that_do_not_match_the_latents_fail_at_start(autoencoder_ckpt: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"latents with 3 channels, but model.unet has in_channels=4"
+    ):
+        LatentDiffusionModule(
+            unet={**TINY_UNET, "in_channels": 4},
+            first_stage={"ckpt_path": str(autoencoder_ckpt)},
+            image_size=16,
+        )
+
+
+def test_missing_or_wrong_first_stage_is_a_clear_error(tmp_path: Path, ldm_run: Path) -> None:
+    with pytest.raises(ValueError, match="model.first_stage.ckpt_path is not set"):
+        LatentDiffusionModule(unet=TINY_UNET, first_stage={}, image_size=16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LatentDiffusionModule(unet=TINY_UNET, first_stage={"ckpt_path": str(tmp_path / "x.ckpt")})
+    ldm_ckpt = ldm_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="is a latent_diffusion checkpoint, but an autoencoder"):
+        LatentDiffusionModule(unet=TINY_UNET, first_stage={"ckpt_path": str(ldm_ckpt)})
+
+
+def test_unknown_prediction_and_sampler_list_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"valid: \('eps', 'v', 'x0'\)"):
+        tiny_pixel_ddpm(prediction="noise")
+    with pytest.raises(ValueError, match="ddpm"):
+        tiny_pixel_ddpm().sample(n=1, sampler="euler", steps=2)
+
+
+def test_latents_not_divisible_by_the_unet_fail_at_start() -> None:
+    with pytest.raises(ValueError, match=r"latents are 6x6 .* not divisible by the UNet's"):
+        tiny_pixel_ddpm(image_size=6, unet={**TINY_UNET, "channel_mult": [1, 2, 2]})
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_diffusion_loss_equals_the_closed_form(prediction: str) -> None:
+    model = tiny_pixel_ddpm(prediction=prediction)
+    z0 = torch.randn(3, 3, 16, 16)
+    loss = model.diffusion_loss(z0, {}, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 100, (3,), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    abar = model.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # DDPM eq. 4
+    target = {"eps": noise, "x0": z0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * z0}[prediction]
+    expected = F.mse_loss(model.unet(z_t, t), target)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = tiny_pixel_ddpm()
+    z0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    optimizer = torch.optim.Adam(model.unet.parameters(), lr=2e-3)
+
+    def fixed_loss() -> torch.Tensor:
+        return model.diffusion_loss(z0, {}, torch.Generator().manual_seed(0))
+
+    with torch.no_grad():
+        before = fixed_loss()
+    for step in range(60):
+        loss = model.diffusion_loss(z0, {}, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert fixed_loss() < 0.6 * before
+
+
+def test_identity_first_stage_is_pixel_space() -> None:
+    model = tiny_pixel_ddpm()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.latents({"image": x}), x)
+    images = model.sample(n=2, steps=3)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_run_estimates_and_stores_the_scale_factor(ldm_run: Path, autoencoder_ckpt: Path) -> None:
+    checkpoint = torch.load(ldm_run / "checkpoints" / "last.ckpt", weights_only=False)
+    data = ShapesDataModule(image_size=16, batch_size=4, num_train=16, num_val=8, num_test=8)
+    ae = load_stage(AutoencoderModule, autoencoder_ckpt, "autoencoder")
+    # One epoch of 16 images in batches of 4: the estimate saw every training image once.
+    images = torch.stack([data.dataset("train")[i]["image"] for i in range(16)])
+    expected = 1.0 / ae.encode(images).double().std(unbiased=False).item()
+    assert checkpoint["scale_factor"] == pytest.approx(expected, rel=1e-4)
+    assert checkpoint["hyper_parameters"]["first_stage"]["sha256"]
+    assert "current_model_state" in checkpoint, "EMA weights are the checkpoint's state_dict"
+
+
+def test_a_checkpoint_alone_is_enough_to_sample(ldm_run: Path, tmp_path: Path) -> None:
+    ckpt = ldm_run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["hyper_parameters"]["first_stage"]["ckpt_path"] = str(tmp_path / "gone.ckpt")
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+    model = load_stage(LatentDiffusionModule, moved, "latent_diffusion")
+    a = model.sample(n=2, steps=3, seed=1)
+    b = model.sample(n=2, steps=3, seed=1)
+    c = model.sample(n=2, steps=3, seed=2)
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    reference = load_stage(LatentDiffusionModule, ckpt, "latent_diffusion")
+    torch.testing.assert_close(reference.sample(n=2, steps=3, seed=1), a)
+
+
+def test_run_trains_from_the_latent_cache_and_logs_images(ldm_run: Path) -> None:
+    caches = sorted(p.name for p in ldm_run.rglob("shapes-*.pt"))
+    assert [name.split("-")[1] for name in caches] == ["test", "train", "val"]
+    assert list((ldm_run / "images").glob("samples_epoch000_*.png"))
+    assert list((ldm_run / "images").glob("trajectory_epoch000_*.png"))
+
+
+def test_datamodule_serves_cached_latents_equal_to_encoding(
+    autoencoder_ckpt: Path, tmp_path: Path
+) -> None:
+    model = LatentDiffusionModule(
+        unet=TINY_UNET,
+        first_stage={"ckpt_path": str(autoencoder_ckpt)},
+        image_size=16,
+        scale_factor=1.0,
+        num_log_images=2,
+    )
+    data = ShapesDataModule(
+        image_size=16,
+        batch_size=4,
+        num_train=8,
+        num_val=4,
+        num_test=4,
+        cache_latents=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, data)
+    cached = data.dataset("val")
+    assert isinstance(cached, LatentDataset)
+    images = torch.stack([data.build_split("val", augment=False)[i]["image"] for i in range(4)])
+    torch.testing.assert_close(
+        torch.stack([cached[i]["latent"] for i in range(4)]), model.encode_for_cache(images)
+    )
