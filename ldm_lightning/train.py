@@ -33,6 +33,19 @@ def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
     return float(metrics[name])
 
 
+def resume_path(trainer: pl.Trainer, cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path``, unless a requeued SLURM job left a newer hpc checkpoint.
+
+    Lightning resumes from ``hpc_ckpt_N.ckpt`` by itself only when no ``ckpt_path`` is given;
+    after a preemption the hpc checkpoint is the newer state, so it wins.
+    """
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect() and trainer._checkpoint_connector._hpc_resume_path:
+        return "hpc"
+    return cfg.get("ckpt_path")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one run; returns the logged metrics (fit and test merged)."""
     if cfg.get("seed") is not None:
@@ -54,7 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         if cfg.get("train", True):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(trainer, cfg))
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test", False):
             best = (

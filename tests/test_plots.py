@@ -44,7 +44,6 @@ def test_read_metrics_collects_each_series_by_step(run_dir: Path) -> None:
 
 
 def test_plots_writes_one_png_per_quantity(run_dir: Path, tmp_path: Path, capsys) -> None:
-    pytest.importorskip("matplotlib", reason="matplotlib is a declared dependency; install it")
     out = tmp_path / "figures"
     paths = main([str(run_dir), "--out", str(out)])
     assert [p.name for p in paths] == ["fid.png", "loss.png", "lr-AdamW.png"]

@@ -3,7 +3,9 @@
 ``x [B, 3, H, W] -> z = E(x) [B, embed_dim, H/f, W/f] -> x' = D(z)`` with f = 2^(len(ch_mult)-1).
 Loss: L1/L2 + LPIPS + PatchGAN (hinge, adaptive weight, from ``disc_start``) + codebook and
 commitment (VQ) or KL; the generator and discriminator are two optimizers stepped by hand
-(Lightning manual optimisation). Parameter names follow CompVis' first-stage models, so their
+(Lightning manual optimisation), so gradient clipping is ``model.gradient_clip_val`` (max
+global L2 norm per optimizer), not the trainer's. ``model.compile`` and ``model.channels_last``
+speed up the encoder and decoder. Parameter names follow CompVis' first-stage models, so their
 released checkpoints load with :meth:`AutoencoderModule.load_compvis_state_dict`.
 """
 
@@ -24,6 +26,7 @@ from ldm_lightning.losses.autoencoder import AutoencoderLoss
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.models.checkpoints import read_checkpoint, stamp
 from ldm_lightning.models.optim import scaled_learning_rate
+from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.distributions import DiagonalGaussian
 from ldm_lightning.nn.encoder_decoder import Decoder, Encoder
 from ldm_lightning.nn.quantizer import VectorQuantizer
@@ -79,6 +82,9 @@ class AutoencoderModule(pl.LightningModule):
         perceptual: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         num_log_images: int = 8,
+        gradient_clip_val: float | None = None,
+        compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -119,6 +125,14 @@ class AutoencoderModule(pl.LightningModule):
                 restart_dead_codes=restart_dead_codes,
             )
         loss_kwargs = dict(loss or {})
+        disc_layers = loss_kwargs.get("disc_num_layers", 3)
+        if image_size < 3 * 2**disc_layers:
+            # n stride-2 convs, then two 4x4 convs with padding 1, need >= 3 px left.
+            raise ValueError(
+                f"data.image_size={image_size} is too small for a {disc_layers}-layer PatchGAN "
+                f"discriminator (needs >= {3 * 2**disc_layers} px); lower "
+                "model.loss.disc_num_layers or use larger images."
+            )
         perceptual_kwargs = dict(perceptual or {})
         self.perceptual = (
             LazyPerceptual(lambda: build_lpips(**perceptual_kwargs))
@@ -203,6 +217,11 @@ class AutoencoderModule(pl.LightningModule):
         return 1.0 / math.sqrt(max(variance, 1e-12))
 
     # ------------------------------------------------------------------ training
+    def configure_model(self) -> None:
+        apply_speed_switches(
+            [self.encoder, self.decoder], self.hparams.compile, self.hparams.channels_last
+        )
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         cfg = {
             "base_lr": 4.5e-6,
@@ -222,7 +241,7 @@ class AutoencoderModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
-        x = batch["image"]
+        x = to_memory_format(batch["image"], self.hparams.channels_last)
         step = int(self.train_batches)
         x_hat, reg, info = self(x)
 
@@ -230,6 +249,7 @@ class AutoencoderModule(pl.LightningModule):
         loss_g, logs = self.loss.generator_loss(x, x_hat, reg, step, self.decoder.last_layer)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
+        self._clip_gradients(opt_g)
         opt_g.step()
         self.untoggle_optimizer(opt_g)
 
@@ -238,6 +258,7 @@ class AutoencoderModule(pl.LightningModule):
             loss_d, logs_d = self.loss.discriminator_loss(x, x_hat, step)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
+            self._clip_gradients(opt_d)
             opt_d.step()
             self.untoggle_optimizer(opt_d)
             logs.update(logs_d)
@@ -246,6 +267,15 @@ class AutoencoderModule(pl.LightningModule):
         logs.update({k: info[k] for k in ("perplexity", "usage") if k in info})
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         self.log("train/rec_loss", logs["rec"], prog_bar=True, on_step=True, on_epoch=False)
+
+    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Rescale ``optimizer``'s gradients to global L2 norm <= ``gradient_clip_val``."""
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.hparams.gradient_clip_val,
+                gradient_clip_algorithm="norm",
+            )
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self) -> None:

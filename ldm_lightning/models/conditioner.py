@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ldm_lightning.data.tokenizer import EOS_ID, PAD_ID, CaptionTokenizer, dataset_captions
 from ldm_lightning.models.checkpoints import stamp
 from ldm_lightning.models.first_stage import build_first_stage
-from ldm_lightning.models.optim import scaled_learning_rate
+from ldm_lightning.models.optim import adamw_with_warmup
 from ldm_lightning.nn.image_encoder import LatentImageEncoder
 from ldm_lightning.nn.text_encoder import TextEncoder
 
@@ -345,27 +345,8 @@ class ConditionerModule(pl.LightningModule):
         self._outputs = []
 
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = {
-            "base_lr": 5e-4,
-            "scale_lr": False,
-            "betas": (0.9, 0.98),
-            "weight_decay": 0.0,
-            "warmup_steps": 0,
-            **(self.hparams.optimizer or {}),
-        }
-        lr = scaled_learning_rate(self, cfg["base_lr"], cfg["scale_lr"])
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
-        )
-        warmup = max(int(cfg["warmup_steps"]), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        defaults = {"base_lr": 5e-4, "betas": (0.9, 0.98)}
+        return adamw_with_warmup(self, self.hparams.optimizer, defaults)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint, self.kind, self)

@@ -27,7 +27,8 @@ from ldm_lightning.diffusion import (
 from ldm_lightning.models.checkpoints import stamp
 from ldm_lightning.models.conditioning import Conditioning
 from ldm_lightning.models.first_stage import build_first_stage
-from ldm_lightning.models.optim import scaled_learning_rate
+from ldm_lightning.models.optim import adamw_with_warmup
+from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
 from ldm_lightning.nn.unet import UNetModel
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class LatentDiffusionModule(pl.LightningModule):
             ``eta``, ``timestep_spacing``).
         conditioning: :class:`~ldm_lightning.models.conditioning.Conditioning` arguments
             (``kind`` and its options); None: unconditional.
+        compile: ``torch.compile`` the UNet in place when a Trainer sets the module up (true,
+            or a dict of ``torch.compile`` options); parameter names are unchanged.
+        channels_last: UNet weights and its inputs in NHWC layout (faster convolutions on GPUs).
     """
 
     kind = "latent_diffusion"
@@ -73,6 +77,8 @@ class LatentDiffusionModule(pl.LightningModule):
         sampling: dict[str, Any] | None = None,
         num_log_images: int = 16,
         conditioning: dict[str, Any] | None = None,
+        compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -125,6 +131,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.prediction = prediction
         # A float, not a buffer: EMA weight averaging must not average it.
         self.scale_factor = float(scale_factor) if scale_factor else None
+        self.noise_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
     @torch.no_grad()
@@ -145,8 +152,12 @@ class LatentDiffusionModule(pl.LightningModule):
                 z = self.first_stage.encode(batch["image"])
         return z.float() * self.scale_factor
 
+    def configure_model(self) -> None:
+        apply_speed_switches([self.unet], self.hparams.compile, self.hparams.channels_last)
+
     def on_fit_start(self) -> None:
         self.conditioner.prepare(self.trainer.datamodule)
+        self.noise_generator = rank_generator(self)
         if self.scale_factor is None:
             value = self._estimate_scale_factor()
             self.scale_factor = float(self.trainer.strategy.broadcast(value, src=0))
@@ -182,21 +193,19 @@ class LatentDiffusionModule(pl.LightningModule):
         cond: dict[str, torch.Tensor],
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``mean_b w(t_b) ||target_b - model(z_t, t)_b||^2`` with t ~ U{0..T-1}, eps ~ N(0, I)."""
+        """``mean_b w(t_b) ||target_b - model(z_t, t)_b||^2`` with t ~ U{0..T-1}, eps ~ N(0, I).
+
+        ``t`` and ``eps`` are drawn from ``generator`` (on its device) when given.
+        """
         batch = z0.shape[0]
         device = z0.device
+        draw_on = generator.device if generator is not None else device
         t = torch.randint(
-            0,
-            self.schedule.timesteps,
-            (batch,),
-            generator=generator,
-            device="cpu" if generator is not None else device,
+            0, self.schedule.timesteps, (batch,), generator=generator, device=draw_on
         ).to(device)
-        noise = torch.randn(
-            z0.shape, generator=generator, device="cpu" if generator is not None else device
-        ).to(device)
+        noise = torch.randn(z0.shape, generator=generator, device=draw_on).to(device)
         schedule = self.schedule.to(device)
-        z_t = schedule.q_sample(z0, t, noise)
+        z_t = to_memory_format(schedule.q_sample(z0, t, noise), self.hparams.channels_last)
         prediction = self.unet(z_t, t, **cond).float()
         per_sample = F.mse_loss(
             prediction, target(z0, noise, t, schedule, self.prediction), reduction="none"
@@ -208,7 +217,8 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z0 = self.latents(batch)
-        loss = self.diffusion_loss(z0, self.conditioning(batch, train=True))
+        # A per-rank generator: each DDP rank draws its own timesteps and noise.
+        loss = self.diffusion_loss(z0, self.conditioning(batch, train=True), self.noise_generator)
         self.log(
             "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0]
         )
@@ -237,28 +247,8 @@ class LatentDiffusionModule(pl.LightningModule):
             self.log("scale_factor", self.scale_factor, on_epoch=True, batch_size=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = {
-            "base_lr": 1e-4,
-            "scale_lr": False,
-            "betas": (0.9, 0.999),
-            "weight_decay": 0.0,
-            "warmup_steps": 0,
-            **(self.hparams.optimizer or {}),
-        }
-        lr = scaled_learning_rate(self, cfg["base_lr"], cfg["scale_lr"])
-        log.info("Diffusion learning rate %.3g", lr)
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
-        )
-        warmup = max(int(cfg["warmup_steps"]), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        defaults = {"base_lr": 1e-4, "betas": (0.9, 0.999)}
+        return adamw_with_warmup(self, self.hparams.optimizer, defaults)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -5,7 +5,8 @@ online when ``WANDB_MODE=online`` is set or an API key is found (``WANDB_API_KEY
 ``~/.netrc`` entry for the wandb host, which ``wandb login`` writes); otherwise it is written
 offline under the run directory, to upload later with ``wandb sync <dir>``. Runs are grouped
 by experiment (``task_name``; a sweep's jobs share the group ``<task_name>-<sweep dir>``) and
-tagged, so a sweep reads as one dashboard.
+tagged, so a sweep reads as one dashboard. Under SLURM the run id derives from the job id, so
+a job that is preempted and requeued keeps logging to the same run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,28 @@ def run_group_and_name(task_name: str) -> tuple[str, str]:
     return task_name, task_name
 
 
+def slurm_run_id(task_name: str) -> str | None:
+    """A run id that a requeued SLURM job gets again: ``<task>-<job id>``; None off SLURM.
+
+    The job id is ``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID`` for array tasks (what submitit
+    submits a sweep as), else ``SLURM_JOB_ID``; a multirun appends the job number, since the
+    jobs of a sweep launched inside one allocation share the SLURM id. Interactive allocations
+    (which Lightning does not requeue) get None: wandb picks a fresh id.
+    """
+    if not SLURMEnvironment.detect():
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (
+        f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if array_job
+        else os.environ["SLURM_JOB_ID"]
+    )
+    parts = [task_name, job]
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        parts.append(str(HydraConfig.get().job.num))
+    return "-".join(parts)
+
+
 def wandb_logger(
     save_dir: str,
     task_name: str,
@@ -70,14 +94,19 @@ def wandb_logger(
     offline: bool | None = None,
     group: str | None = None,
     name: str | None = None,
+    id: str | None = None,
     **kwargs: Any,
 ) -> WandbLogger:
     """A :class:`WandbLogger` that is offline without an account (see the module docstring).
 
-    ``group`` and ``name`` default to the experiment's (``task_name``, sweep-aware); extra
+    ``group`` and ``name`` default to the experiment's (``task_name``, sweep-aware); ``id``
+    defaults to :func:`slurm_run_id` and is resumed if it exists (``resume="allow"``); extra
     ``kwargs`` go to ``WandbLogger`` and ``wandb.init`` (``job_type``, ``log_model``, ...).
     """
     default_group, default_name = run_group_and_name(task_name)
+    run_id = id or slurm_run_id(task_name)
+    if run_id:
+        kwargs = {"id": run_id, "resume": "allow", **kwargs}
     offline = use_offline(offline)
     if offline:
         log.info(

@@ -71,6 +71,11 @@ def test_image_size_not_divisible_by_f_fails_at_start() -> None:
         tiny(image_size=18, ch_mult=(1, 2, 2))
 
 
+def test_image_too_small_for_the_discriminator_fails_at_start() -> None:
+    with pytest.raises(ValueError, match=r"image_size=16 is too small for a 3-layer PatchGAN"):
+        tiny(loss={"perceptual_weight": 0.0, "disc_num_layers": 3})
+
+
 def test_unknown_regularizer_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"valid: \('vq', 'kl'\)"):
         tiny(regularizer="vae")

@@ -1,0 +1,82 @@
+"""The synthetic shapes dataset: exact labels and captions, determinism, splits, pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_lightning.data.shapes import (
+    BACKGROUND_COLOURS,
+    NUM_CLASSES,
+    SHAPE_COLOURS,
+    ShapesDataModule,
+    ShapesDataset,
+    ShapeSpec,
+    describe_label,
+    label_of,
+    render,
+    shape_mask,
+)
+
+
+def test_items_are_deterministic_by_seed_and_differ_across_seeds_and_splits() -> None:
+    a, b = ShapesDataset(10, 16, "train", seed=3), ShapesDataset(10, 16, "train", seed=3)
+    assert all(torch.equal(a[i]["image"], b[i]["image"]) for i in range(10))
+    other_seed, other_split = (
+        ShapesDataset(10, 16, "train", seed=4),
+        ShapesDataset(10, 16, "val", seed=3),
+    )
+    assert [a.spec(i) for i in range(10)] != [other_seed.spec(i) for i in range(10)]
+    assert [a.spec(i) for i in range(10)] != [other_split.spec(i) for i in range(10)]
+
+
+def test_caption_and_label_describe_the_pixels() -> None:
+    spec = ShapeSpec("circle", "red", "gray", 0.5, 0.5, 0.3)
+    assert spec.caption == "a red circle on a gray background"
+    assert describe_label(spec.label) == ("circle", "red") and spec.label == label_of(
+        "circle", "red"
+    )
+    image = ((render(spec, 32) + 1) / 2 * 255).round()
+    assert image[:, 16, 16].tolist() == list(SHAPE_COLOURS["red"])
+    assert image[:, 0, 0].tolist() == list(BACKGROUND_COLOURS["gray"])
+
+
+@pytest.mark.parametrize(
+    "shape,area",
+    [("circle", np.pi * 0.3**2), ("square", 2 * 0.3**2), ("triangle", 3 * np.sqrt(3) / 4 * 0.3**2)],
+)
+def test_shape_areas_match_their_closed_forms(shape: str, area: float) -> None:
+    mask = shape_mask(ShapeSpec(shape, "red", "gray", 0.5, 0.5, 0.3), 64, antialias=8)
+    assert mask.mean() == pytest.approx(area, rel=0.02)
+
+
+def test_every_label_occurs_and_background_never_equals_shape_colour() -> None:
+    data = ShapesDataset(600, 8, "train")
+    specs = [data.spec(i) for i in range(600)]
+    assert {s.label for s in specs} == set(range(NUM_CLASSES))
+    assert all(s.background != s.colour for s in specs)
+    assert all(
+        s.radius <= min(s.centre_x, s.centre_y, 1 - s.centre_x, 1 - s.centre_y) + 1e-9
+        for s in specs
+    )
+
+
+@pytest.mark.parametrize("size", [8, 17, 64])
+def test_any_resolution_in_range(size: int) -> None:
+    item = ShapesDataset(2, size)[1]
+    assert item["image"].shape == (3, size, size)
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+
+
+def test_datamodule_batches_and_errors() -> None:
+    data = ShapesDataModule(image_size=16, batch_size=4, num_train=8, num_val=4, num_test=4)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].dtype == torch.long
+    assert len(batch["caption"]) == 4 and data.num_classes == 18
+    with pytest.raises(ValueError, match="out of range"):
+        describe_label(18)
+    with pytest.raises(ValueError, match="unknown split"):
+        ShapesDataset(1, 8, "holdout")
+    with pytest.raises(IndexError):
+        ShapesDataset(1, 8)[1]
