@@ -54,3 +54,20 @@ def test_unknown_experiment_is_a_hydra_error(tmp_path: Path) -> None:
 def test_unknown_key_is_a_hydra_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigCompositionException, match="bogus"):
         compose_config(["+experiment=shapes_vq", "model.bogus=1"], tmp_path)
+
+
+@pytest.mark.parametrize(
+    "experiment,millions", [("pets_ddpm", (12, 16)), ("celebahq_ldm", (270, 290))]
+)
+def test_unet_sizes_match_their_references(
+    experiment: str, millions: tuple, tmp_path: Path
+) -> None:
+    """pets_ddpm: the ~13M pixel-space pets DDPM; celebahq_ldm: CompVis' ~274M LDM-VQ-4."""
+    from ldm_lightning.nn.unet import UNetModel
+
+    unet = OmegaConf.to_container(
+        compose_config([f"+experiment={experiment}"], tmp_path).model.unet
+    )
+    unet["in_channels"] = unet["out_channels"] = 3
+    count = sum(p.numel() for p in UNetModel(**unet).parameters()) / 1e6
+    assert millions[0] < count < millions[1]
