@@ -38,6 +38,7 @@ from ldm_lightning.metrics.fid import (
 from ldm_lightning.metrics.reconstruction import ReconstructionMetrics
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import checkpoint_kind, load_stage, read_checkpoint
+from ldm_lightning.sample import generate
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +96,10 @@ def sampling_conditions(
     if conditioner is None or not conditioner.is_conditional:
         return itertools.repeat({})
     loader = DataLoader(datamodule.build_split(split, augment=False), batch_size=batch_size)
-    return (conditioner.sampling_inputs(batch, batch_size) for batch in itertools.cycle(loader))
-
-
-def generate(
-    module: pl.LightningModule,
-    num_samples: int,
-    batch_size: int,
-    conditions: Iterator[dict[str, Any]],
-    seed: int = 0,
-    progress: bool = False,
-    **sampling: Any,
-) -> Iterator[torch.Tensor]:
-    """Batches of samples ``[b, 3, H, W]`` in [-1, 1]; batch ``i`` uses seed ``seed + i``.
-
-    ``sampling``: ``sampler``, ``steps``, ``eta``, ``guidance_scale`` of
-    :meth:`LatentDiffusionModule.sample` (None: the checkpoint's defaults).
-    """
-    starts = range(0, num_samples, batch_size)
-    for index, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
-        n = min(batch_size, num_samples - start)
-        condition = {k: v[:n] for k, v in next(conditions).items()}
-        yield module.sample(n=n, seed=seed + index, **sampling, **condition)
+    # Re-iterate the loader rather than itertools.cycle, which would keep every batch (images
+    # included) in memory for the whole run.
+    batches = (batch for _ in itertools.count() for batch in loader)
+    return (conditioner.sampling_inputs(batch, batch_size) for batch in batches)
 
 
 def evaluate_diffusion(

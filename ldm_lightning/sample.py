@@ -6,12 +6,14 @@ Writes ``grid.png`` and ``samples/<index>.png`` into the run directory. Batch ``
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
+import pytorch_lightning as pl
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
@@ -40,34 +42,41 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def generate(
-    model: LatentDiffusionModule,
+def batch_conditions(
     num_samples: int,
     batch_size: int,
-    seed: int,
     labels: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
-    progress: bool = True,
-    **sample_kwargs: Any,
-) -> torch.Tensor:
-    """``num_samples`` images ``[N, 3, H, W]`` in [-1, 1], ``batch_size`` at a time."""
-    labels = cycle_to(labels, num_samples)
-    prompts = cycle_to(prompts, num_samples)
-    batches = []
+) -> Iterator[dict[str, list[Any]]]:
+    """Per-batch ``labels``/``prompts`` inputs, each list cycled to ``num_samples`` first."""
+    condition = {"labels": cycle_to(labels, num_samples), "prompts": cycle_to(prompts, num_samples)}
+    for start in range(0, num_samples, batch_size):
+        stop = min(start + batch_size, num_samples)
+        yield {k: v[start:stop] for k, v in condition.items() if v is not None}
+
+
+@torch.no_grad()
+def generate(
+    module: pl.LightningModule,
+    num_samples: int,
+    batch_size: int,
+    conditions: Iterator[dict[str, Any]] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **sampling: Any,
+) -> Iterator[torch.Tensor]:
+    """Batches of samples ``[b, 3, H, W]`` in [-1, 1]; batch ``i`` uses seed ``seed + i``.
+
+    ``conditions`` yields one dict of ``labels``/``prompts`` per batch (cut to the batch);
+    ``sampling``: ``sampler``, ``steps``, ``eta``, ``guidance_scale``, ... of
+    :meth:`LatentDiffusionModule.sample` (None: the checkpoint's defaults).
+    """
+    conditions = conditions if conditions is not None else itertools.repeat({})
     starts = range(0, num_samples, batch_size)
     for index, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
-        stop = min(start + batch_size, num_samples)
-        batches.append(
-            model.sample(
-                n=stop - start,
-                seed=seed + index,
-                labels=labels[start:stop] if labels is not None else None,
-                prompts=prompts[start:stop] if prompts is not None else None,
-                **sample_kwargs,
-            ).cpu()
-        )
-    return torch.cat(batches)
+        n = min(batch_size, num_samples - start)
+        condition = {k: v[:n] for k, v in next(conditions).items()}
+        yield module.sample(n=n, seed=seed + index, **sampling, **condition)
 
 
 def write_samples(images: torch.Tensor, out_dir: str | Path, nrow: int | None = None) -> Path:
@@ -82,22 +91,28 @@ def write_samples(images: torch.Tensor, out_dir: str | Path, nrow: int | None = 
 def run(cfg: DictConfig) -> Path:
     model = load_stage(LatentDiffusionModule, cfg.ckpt_path, "latent_diffusion", "ckpt_path")
     model.to(resolve_device(cfg.device))
-    images = generate(
+
+    def optional(value: Any) -> Any:
+        return OmegaConf.to_object(value) if value is not None else None
+
+    conditions = batch_conditions(
+        cfg.num_samples, cfg.batch_size, optional(cfg.labels), optional(cfg.prompts)
+    )
+    batches = generate(
         model,
         cfg.num_samples,
         cfg.batch_size,
-        cfg.seed,
-        labels=OmegaConf.to_object(cfg.labels) if cfg.labels is not None else None,
-        prompts=OmegaConf.to_object(cfg.prompts) if cfg.prompts is not None else None,
+        conditions,
+        seed=cfg.seed,
+        progress=True,
         sampler=cfg.sampler,
         steps=cfg.steps,
         eta=cfg.eta,
         guidance_scale=cfg.guidance_scale,
-        negative_prompts=(
-            OmegaConf.to_object(cfg.negative_prompts) if cfg.negative_prompts is not None else None
-        ),
+        negative_prompts=optional(cfg.negative_prompts),
         unconditional=cfg.unconditional,
     )
+    images = torch.cat([batch.cpu() for batch in batches])
     grid = write_samples(images, cfg.paths.output_dir, cfg.grid_nrow)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
     log.info("Wrote %d samples and %s", len(images), grid)

@@ -21,8 +21,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ldm_lightning.evaluate import generate, sampling_conditions
+from ldm_lightning.evaluate import sampling_conditions
 from ldm_lightning.metrics.fid import GenerativeMetrics, build_feature_extractor, real_features
+from ldm_lightning.sample import generate
 
 
 class FIDCallback(pl.Callback):

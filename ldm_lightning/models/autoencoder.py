@@ -11,6 +11,7 @@ released checkpoints load with :meth:`AutoencoderModule.load_compvis_state_dict`
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -33,6 +34,24 @@ from ldm_lightning.nn.quantizer import VectorQuantizer
 
 log = logging.getLogger(__name__)
 REGULARIZERS = ("vq", "kl")
+
+
+def inverse_std(latents: Iterable[torch.Tensor]) -> float:
+    """``1 / std(z)`` over every element of ``latents`` (LDM sec. 4.3.2 and appendix G).
+
+    Rescales latents to unit variance so the diffusion schedule's signal-to-noise ratios
+    mean what they do in pixel space. Accumulated in float64, one tensor at a time.
+    """
+    total, total_sq, count = 0.0, 0.0, 0
+    for z in latents:
+        z = z.double()
+        total += z.sum().item()
+        total_sq += (z * z).sum().item()
+        count += z.numel()
+    if count == 0:
+        raise ValueError("cannot estimate the latent scale factor: no batches (empty dataset?)")
+    variance = total_sq / count - (total / count) ** 2
+    return 1.0 / math.sqrt(max(variance, 1e-12))
 
 
 class LazyPerceptual:
@@ -198,23 +217,11 @@ class AutoencoderModule(pl.LightningModule):
     def estimate_scale_factor(
         self, batches: Iterable[dict[str, torch.Tensor]], max_batches: int = 16
     ) -> float:
-        """``1 / std(z)`` over up to ``max_batches`` batches (LDM sec. 4.3.2 and appendix G).
-
-        Rescales latents to unit variance so the diffusion schedule's signal-to-noise ratios
-        mean what they do in pixel space.
-        """
-        total, total_sq, count = 0.0, 0.0, 0
-        for index, batch in enumerate(batches):
-            if index >= max_batches:
-                break
-            z = self.encode(batch["image"].to(self.device)).double()
-            total += z.sum().item()
-            total_sq += (z * z).sum().item()
-            count += z.numel()
-        if count == 0:
-            raise ValueError("estimate_scale_factor got no batches; check the dataset is not empty")
-        variance = total_sq / count - (total / count) ** 2
-        return 1.0 / math.sqrt(max(variance, 1e-12))
+        """``1 / std(z)`` of this autoencoder's latents over up to ``max_batches`` batches."""
+        images = (
+            batch["image"].to(self.device) for batch in itertools.islice(batches, max_batches)
+        )
+        return inverse_std(self.encode(x) for x in images)
 
     # ------------------------------------------------------------------ training
     def configure_model(self) -> None:

@@ -114,8 +114,11 @@ class CaptionEncoder(nn.Module):
         self.tokenizer = CaptionTokenizer.train(
             captions, self.config["vocab_size"], self.config["context_length"]
         )
-        log.info("Learned a tokenizer of %d tokens from %d captions",
-                 self.tokenizer.vocab_size, len(captions))
+        log.info(
+            "Learned a tokenizer of %d tokens from %d captions",
+            self.tokenizer.vocab_size,
+            len(captions),
+        )
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"tokenizer": None if self.tokenizer is None else self.tokenizer.to_json()}
@@ -297,8 +300,9 @@ class ConditionerModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, text, groups = self.embed(batch)
         loss = contrastive_loss(image, text, self.scale(), groups)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=len(image))
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(image)
+        )
         self.log("train/logit_scale", self.scale(), on_step=True, batch_size=len(image))
         return loss
 
@@ -323,8 +327,14 @@ class ConditionerModule(pl.LightningModule):
     def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
         image, text, groups = self.embed(batch)
         loss = contrastive_loss(image, text, self.scale(), groups)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", on_epoch=True,
-                 batch_size=len(image), sync_dist=True)
+        self.log(
+            f"{prefix}/loss",
+            loss,
+            prog_bar=prefix == "val",
+            on_epoch=True,
+            batch_size=len(image),
+            sync_dist=True,
+        )
         keys = batch["label"].tolist() if isinstance(self.encoder, ClassEncoder) else None
         self._outputs.append((image.cpu(), text.cpu(), keys or list(batch["caption"])))
 

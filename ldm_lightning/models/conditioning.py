@@ -100,8 +100,9 @@ class Conditioning(nn.Module):
         if kind == "class":
             self._build_class(num_classes, class_route, width, num_tokens)
         elif kind == "text":
-            self._build_text(text or {}, width, text_ckpt_path, freeze_text, text_hparams,
-                             text_sha256)
+            self._build_text(
+                text or {}, width, text_ckpt_path, freeze_text, text_hparams, text_sha256
+            )
 
     def _build_class(
         self, num_classes: int | None, route: str, width: int, num_tokens: int
@@ -117,9 +118,7 @@ class Conditioning(nn.Module):
             )
         self.num_classes = num_classes
         self.class_route = route
-        self.classes = (
-            ClassEncoder(num_classes, width, num_tokens) if route != "time" else None
-        )
+        self.classes = ClassEncoder(num_classes, width, num_tokens) if route != "time" else None
 
     def _build_text(
         self,

@@ -8,6 +8,7 @@ Orchestration only: schedules, samplers, guidance and the UNet live in their own
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from ldm_lightning.diffusion import (
     sample,
     target,
 )
+from ldm_lightning.models.autoencoder import inverse_std
 from ldm_lightning.models.checkpoints import stamp
 from ldm_lightning.models.conditioning import Conditioning
 from ldm_lightning.models.first_stage import build_first_stage
@@ -145,12 +147,14 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scaled latents ``z0 = scale_factor * E(x)`` of a batch of images or cached latents."""
+        return self.unscaled_latents(batch).float() * self.scale_factor
+
+    @torch.no_grad()
+    def unscaled_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``E(x)``: the cached latents of a batch, or its images encoded by the first stage."""
         if "latent" in batch:
-            z = batch["latent"]
-        else:
-            with torch.no_grad():
-                z = self.first_stage.encode(batch["image"])
-        return z.float() * self.scale_factor
+            return batch["latent"].to(self.device)
+        return self.first_stage.encode(batch["image"].to(self.device))
 
     def configure_model(self) -> None:
         apply_speed_switches([self.unet], self.hparams.compile, self.hparams.channels_last)
@@ -163,24 +167,11 @@ class LatentDiffusionModule(pl.LightningModule):
             self.scale_factor = float(self.trainer.strategy.broadcast(value, src=0))
             log.info("Latent scale factor estimated from data: %.5f", self.scale_factor)
 
-    @torch.no_grad()
     def _estimate_scale_factor(self) -> float:
-        """``1 / std(z)`` over the first ``scale_factor_batches`` training batches (LDM 4.3.2)."""
-        total, total_sq, count = 0.0, 0.0, 0
-        for index, batch in enumerate(self.trainer.datamodule.train_dataloader()):
-            if index >= self.hparams.scale_factor_batches:
-                break
-            key = "latent" if "latent" in batch else "image"
-            values = batch[key].to(self.device)
-            z = (values if key == "latent" else self.first_stage.encode(values)).double()
-            total, total_sq, count = (
-                total + z.sum().item(),
-                total_sq + (z * z).sum().item(),
-                count + z.numel(),
-            )
-        if count == 0:
-            raise ValueError("cannot estimate the latent scale factor: the training set is empty")
-        return (total_sq / count - (total / count) ** 2) ** -0.5
+        """``1 / std(z)`` over the first ``scale_factor_batches`` training batches."""
+        loader = self.trainer.datamodule.train_dataloader()
+        batches = itertools.islice(loader, self.hparams.scale_factor_batches)
+        return inverse_std(self.unscaled_latents(batch) for batch in batches)
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
