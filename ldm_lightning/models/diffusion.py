@@ -96,12 +96,9 @@ class LatentDiffusionModule(pl.LightningModule):
 
         channels = self.first_stage.latent_channels
         unet = dict(unet)
-        unet.setdefault("in_channels", channels)
-        unet.setdefault("out_channels", channels)
-        if unet["in_channels"] is None:
-            unet["in_channels"] = channels
-        if unet["out_channels"] is None:
-            unet["out_channels"] = channels
+        for key in ("in_channels", "out_channels"):  # missing or null: follow the first stage
+            if unet.get(key) is None:
+                unet[key] = channels
         self.conditioner = Conditioning(**(conditioning or {}))
         # Like the first stage: record a loaded text encoder's hyperparameters, so the
         # checkpoint alone rebuilds it.
@@ -195,7 +192,9 @@ class LatentDiffusionModule(pl.LightningModule):
             0, self.schedule.timesteps, (batch,), generator=generator, device=draw_on
         ).to(device)
         noise = torch.randn(z0.shape, generator=generator, device=draw_on).to(device)
-        schedule = self.schedule.to(device)
+        if self.schedule.device != device:  # rebuilding it every step would cost float64 work
+            self.schedule = self.schedule.to(device)
+        schedule = self.schedule
         z_t = to_memory_format(schedule.q_sample(z0, t, noise), self.hparams.channels_last)
         prediction = self.unet(z_t, t, **cond).float()
         per_sample = F.mse_loss(
