@@ -109,7 +109,7 @@ class ImageDataModule(pl.LightningDataModule):
         for split in SPLITS:
             if split not in self.datasets:
                 self.datasets[split] = (
-                    self._cached(split, module) if use_cache else (self.build_split(split))
+                    self._cached(split, module) if use_cache else self.build_split(split)
                 )
 
     def _cached(self, split: str, module: pl.LightningModule) -> Dataset:

@@ -80,3 +80,30 @@ def test_datamodule_batches_and_errors() -> None:
         ShapesDataset(1, 8, "holdout")
     with pytest.raises(IndexError):
         ShapesDataset(1, 8)[1]
+
+
+def test_latent_cache_settings_are_checked() -> None:
+    import pytorch_lightning as pl
+
+    from tests.models.test_autoencoder_module import tiny
+
+    with pytest.raises(ValueError, match=r"cache_latents=true needs data.cache_dir"):
+        ShapesDataModule(image_size=16, cache_latents=True)
+    data = ShapesDataModule(
+        image_size=16,
+        batch_size=4,
+        num_train=8,
+        num_val=4,
+        num_test=4,
+        cache_latents=True,
+        cache_dir="unused",
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        max_steps=1,
+    )
+    with pytest.raises(ValueError, match=r"AutoencoderModule has no first stage to encode with"):
+        trainer.fit(tiny(), datamodule=data)
