@@ -108,3 +108,17 @@ def test_run_directories_follow_task_and_time(tmp_path: Path) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir, sweep_dir = hydra_cfg.run.dir, hydra_cfg.sweep.dir
     assert "/shapes_vq/runs/" in run_dir and "/shapes_vq/multiruns/" in sweep_dir
+
+
+def test_last_checkpoint_is_the_final_epoch_even_when_it_did_not_improve(tmp_path: Path) -> None:
+    """mode=max on a falling loss: only epoch 0 is ever "best"; last.ckpt must still move on."""
+    cfg = compose_config(
+        ["+experiment=shapes_vq", *TINY_AUTOENCODER, "test=false", "trainer.max_epochs=3",
+         "callbacks.model_checkpoint.mode=max", "model.loss.disc_start=1000"],
+        tmp_path,
+    )
+    train(cfg)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["epoch000-step000004.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2 and last["state_dict"]["train_batches"] == 12

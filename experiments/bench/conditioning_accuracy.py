@@ -13,9 +13,13 @@ A deterministic checker, no learned model:
   bounding box, pi/4 vs 1 vs 1/2, misreads ~1.5% of small real shapes at 32 px: the box is
   off by a pixel.)
 
-The checker's accuracy on real renders is measured first (``--calibration``, ~100%), then
-each sample is scored against its prompt or label (colour and shape both right) at every
-guidance scale; sample grids (one row per prompt, and one grid per prompt) go to ``--out``.
+The checker's accuracy on real renders is measured first (``--calibration``, ~100%). Then the
+first stage's ceiling: real renders of every benchmark prompt (random position and size), sent
+through the LDM's autoencoder (encode, decode) and read back; the LDM cannot score above what
+its decoder can draw. ``--autoencoder <ckpt>`` measures only that, for choosing a first stage
+before training an LDM on it. Then each sample is scored against its prompt or label (colour
+and shape both right) at every guidance scale; sample grids (one row per prompt, and one grid
+per prompt) go to ``--out``.
 
     python experiments/bench/conditioning_accuracy.py \
         --ckpt <shapes_ldm_text run>/checkpoints/last.ckpt
@@ -40,9 +44,10 @@ from ldm_lightning.data.shapes import (
     ShapesDataset,
     ShapeSpec,
     describe_label,
+    render,
     shape_mask,
 )
-from ldm_lightning.models import LatentDiffusionModule
+from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
 
 PALETTE = torch.tensor([SHAPE_COLOURS[name] for name in COLOUR_NAMES], dtype=torch.float32)
@@ -101,6 +106,31 @@ def calibrate(image_size: int, count: int) -> dict[str, float]:
     return {name: value / count for name, value in hits.items()}
 
 
+def prompt_renders(wanted: list[dict[str, str]], per: int, size: int, seed: int) -> torch.Tensor:
+    """``per`` real renders of each target (its shape, colour and background), at random
+    positions and sizes drawn as the dataset draws them; ``[len(wanted) * per, 3, size, size]``."""
+    rng = torch.Generator().manual_seed(seed)
+    images = []
+    for target in wanted:
+        for _ in range(per):
+            radius = 0.2 + 0.18 * torch.rand((), generator=rng).item()
+            cx, cy = (radius + (1 - 2 * radius) * torch.rand(2, generator=rng)).tolist()
+            spec = ShapeSpec(target["shape"], target["colour"], target["background"], cx, cy,
+                             radius)
+            images.append(render(spec, size))
+    return torch.stack(images)
+
+
+def first_stage_ceiling(
+    autoencoder: torch.nn.Module, wanted: list[dict[str, str]], per: int, size: int, seed: int
+) -> dict[str, float]:
+    """The checker's scores on autoencoder reconstructions of real renders of each target."""
+    images = prompt_renders(wanted, per, size, seed)
+    reconstructions = torch.cat([autoencoder.decode(autoencoder.encode(chunk)).clamp(-1, 1)
+                                 for chunk in images.split(64)])
+    return score(reconstructions, wanted, per)
+
+
 def targets(kind: str) -> tuple[list[dict[str, str]], dict[str, list]]:
     """One target per class (shape x colour) and the ``sample`` arguments that ask for them."""
     wanted = [dict(zip(("shape", "colour"), describe_label(i), strict=True))
@@ -136,6 +166,8 @@ def score(images: torch.Tensor, wanted: list[dict[str, str]], per: int) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", type=Path, help="a shapes LDM checkpoint (class or text)")
+    parser.add_argument("--autoencoder", type=Path,
+                        help="only the first-stage ceiling of this shapes autoencoder checkpoint")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     parser.add_argument("--per-prompt", type=int, default=8, help="samples per prompt/label")
     parser.add_argument("--steps", type=int, default=50)
@@ -156,6 +188,12 @@ def main() -> None:
     report["checker_on_real_renders"] = calibrate(image_size, args.calibration)
     print(f"checker on {args.calibration} real {image_size}px renders:",
           report["checker_on_real_renders"])
+    if args.autoencoder is not None:
+        autoencoder = load_stage(AutoencoderModule, args.autoencoder, "autoencoder").eval()
+        wanted, _ = targets("text")
+        ceiling = first_stage_ceiling(autoencoder, wanted, args.per_prompt, image_size, args.seed)
+        report["first_stage_ceiling"] = ceiling
+        print("first-stage ceiling (reconstructed renders of the text prompts):", ceiling)
     if ldm is None:
         (args.out / "accuracy.json").write_text(json.dumps(report, indent=2))
         return
@@ -164,6 +202,12 @@ def main() -> None:
     if kind not in ("class", "text"):
         raise SystemExit(f"{args.ckpt} is not class- or text-conditional (kind={kind!r})")
     wanted, condition = targets(kind)
+    # The text prompts name the same 18 shape x colour targets, each with a background.
+    report["first_stage_ceiling"] = first_stage_ceiling(
+        ldm.first_stage, targets("text")[0], args.per_prompt, image_size, args.seed
+    )
+    print("first-stage ceiling (reconstructed renders of the text prompts):",
+          report["first_stage_ceiling"])
     n = len(wanted) * args.per_prompt
     report["kind"], report["targets"] = kind, condition
     print(f"| guidance | shape+colour | shape | colour |{' background |' if kind == 'text' else ''}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm_lightning.losses.autoencoder import AutoencoderLoss
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.models.checkpoints import read_checkpoint, stamp
-from ldm_lightning.models.optim import scaled_learning_rate
+from ldm_lightning.models.optim import scaled_learning_rate, schedule_lambda
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.distributions import DiagonalGaussian
 from ldm_lightning.nn.encoder_decoder import Decoder, Encoder
@@ -229,11 +230,15 @@ class AutoencoderModule(pl.LightningModule):
             [self.encoder, self.decoder], self.hparams.compile, self.hparams.channels_last
         )
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
+        """Adam for the autoencoder and for the discriminator, each with the schedule of
+        ``optimizer`` (:func:`~ldm_lightning.models.optim.lr_factor`; ``constant`` as CompVis),
+        stepped once per training batch."""
         cfg = {
             "base_lr": 4.5e-6,
             "scale_lr": True,
             "betas": (0.5, 0.9),
+            "schedule": "constant",
             **(self.hparams.optimizer or {}),
         }
         lr = scaled_learning_rate(self, cfg["base_lr"], cfg["scale_lr"])
@@ -244,7 +249,12 @@ class AutoencoderModule(pl.LightningModule):
         opt_d = torch.optim.Adam(
             self.loss.discriminator.parameters(), lr=lr, betas=tuple(cfg["betas"])
         )
-        return [opt_g, opt_d]
+        factor = schedule_lambda(self, cfg)
+        schedulers = [
+            {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}
+            for opt in (opt_g, opt_d)
+        ]
+        return [opt_g, opt_d], schedulers
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
@@ -269,7 +279,15 @@ class AutoencoderModule(pl.LightningModule):
             opt_d.step()
             self.untoggle_optimizer(opt_d)
             logs.update(logs_d)
+        sched_g, sched_d = self.lr_schedulers()  # manual optimisation: once per batch
+        sched_g.step()
+        with warnings.catch_warnings():
+            # Before disc_start D has not stepped yet; its rate follows the same batch clock,
+            # so PyTorch's "scheduler before optimizer" warning does not apply.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            sched_d.step()
         self.train_batches += 1
+        logs["lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
 
         logs.update({k: info[k] for k in ("perplexity", "usage") if k in info})
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)

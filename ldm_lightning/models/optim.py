@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,14 +27,66 @@ def scaled_learning_rate(module: pl.LightningModule, base_lr: float, scale_lr: b
     return float(base_lr) * scale
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str = "constant",
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """Multiplier on the base rate after ``step`` optimizer steps.
+
+    A linear warm-up ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps, then:
+
+    - ``constant``: 1;
+    - ``cosine``: ``r + (1 - r) * (1 + cos(pi * p)) / 2`` (SGDR, Loshchilov & Hutter 2017,
+      eq. 5, one cycle without restarts);
+    - ``linear``: ``r + (1 - r) * (1 - p)``;
+
+    where ``p = (step - warmup_steps) / (total_steps - warmup_steps)``, clamped to [0, 1], and
+    ``r = min_lr_ratio``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; valid: {SCHEDULES}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    decay = (1 + math.cos(math.pi * progress)) / 2 if schedule == "cosine" else 1 - progress
+    return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+
+def schedule_lambda(module: pl.LightningModule, cfg: dict[str, Any]) -> Callable[[int], float]:
+    """:func:`lr_factor` for ``cfg`` (``warmup_steps``, ``schedule``, ``min_lr_ratio``), the
+    decay spread over the trainer's ``estimated_stepping_batches`` (batches, for manual
+    optimisation)."""
+    schedule = cfg.get("schedule", "constant")
+    warmup = max(int(cfg.get("warmup_steps", 0)), 0)
+    min_ratio = float(cfg.get("min_lr_ratio", 0.0))
+    lr_factor(0, warmup, 1, schedule, min_ratio)  # fail at start on an unknown schedule
+    total = 1
+    if schedule != "constant" and module._trainer is not None:
+        estimate = module.trainer.estimated_stepping_batches
+        if not math.isfinite(estimate):
+            raise ValueError(
+                f"model.optimizer.schedule={schedule} needs a known run length: set "
+                "trainer.max_epochs or trainer.max_steps (the decay is spread over it)."
+            )
+        total = int(estimate)
+    return lambda step: lr_factor(step, warmup, total, schedule, min_ratio)
+
+
 def adamw_with_warmup(
     module: pl.LightningModule, settings: dict[str, Any] | None, defaults: dict[str, Any]
 ) -> dict[str, Any]:
-    """AdamW on the trainable parameters with a linear warm-up, as Lightning's optimizer dict.
+    """AdamW on the trainable parameters with a warm-up and decay, as Lightning's optimizer dict.
 
-    ``settings`` (``base_lr``, ``scale_lr``, ``betas``, ``weight_decay``, ``warmup_steps``)
-    override ``defaults``; the rate is :func:`scaled_learning_rate` and rises linearly from
-    ``1/warmup_steps`` of it to all of it over the first ``warmup_steps`` optimizer steps.
+    ``settings`` (``base_lr``, ``scale_lr``, ``betas``, ``weight_decay``, ``warmup_steps``,
+    ``schedule``, ``min_lr_ratio``) override ``defaults``; the rate is
+    :func:`scaled_learning_rate` times :func:`lr_factor`: it rises linearly from
+    ``1/warmup_steps`` of it to all of it over the first ``warmup_steps`` optimizer steps, then
+    stays (``constant``) or decays to ``min_lr_ratio`` of it by the end of training.
     """
     cfg = {
         "scale_lr": False,
@@ -47,8 +101,5 @@ def adamw_with_warmup(
     optimizer = torch.optim.AdamW(
         params, lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
     )
-    warmup = max(int(cfg["warmup_steps"]), 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambda(module, cfg))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -238,3 +238,16 @@ def test_load_stage_round_trip(tmp_path: Path) -> None:
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x), model.encode(x))
+
+
+def test_cosine_schedule_steps_both_optimizers_once_per_batch(tmp_path: Path) -> None:
+    """Manual optimisation: the schedule advances per batch, for G and D alike, to its floor."""
+    model = tiny(optimizer={"base_lr": 1e-3, "scale_lr": False, "schedule": "cosine",
+                            "warmup_steps": 2, "min_lr_ratio": 0.1})
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=tiny_data(num_train=12))  # 3 batches x 2 epochs
+    assert int(model.train_batches) == 6
+    for optimizer in trainer.optimizers:
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    for scheduler in model.lr_schedulers():
+        assert scheduler.last_epoch == 6

@@ -1,0 +1,35 @@
+"""Learning-rate schedules: warm-up, cosine and linear decay against their closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ldm_lightning.models.optim import lr_factor
+
+
+def test_warmup_rises_linearly_then_constant_holds() -> None:
+    factors = [lr_factor(step, 4, 100, "constant") for step in range(8)]
+    assert factors == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("step", [10, 35, 60, 85, 110])
+def test_cosine_after_warmup_matches_sgdr(step: int) -> None:
+    warmup, total, floor = 10, 110, 0.1
+    progress = (step - warmup) / (total - warmup)
+    expected = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    assert lr_factor(step, warmup, total, "cosine", floor) == pytest.approx(expected)
+
+
+def test_decays_end_at_the_floor_and_stay_there() -> None:
+    for schedule in ("cosine", "linear"):
+        assert lr_factor(100, 0, 100, schedule, 0.2) == pytest.approx(0.2)
+        assert lr_factor(500, 0, 100, schedule, 0.2) == pytest.approx(0.2)
+    assert lr_factor(25, 0, 100, "linear") == pytest.approx(0.75)
+    assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
+
+
+def test_unknown_schedule_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="constant.*cosine.*linear"):
+        lr_factor(0, 0, 10, "exponential")
