@@ -56,26 +56,31 @@ BACKGROUNDS = torch.tensor(list(BACKGROUND_COLOURS.values()), dtype=torch.float3
 AREA_OVER_R2 = {"circle": math.pi, "square": 2.0, "triangle": 3 * math.sqrt(3) / 4}
 
 
-def fit_shape(alpha: torch.Tensor) -> str:
-    """The shape whose render at ``alpha``'s area and centroid is nearest to it (L1)."""
+def fit_shape(alpha: torch.Tensor) -> tuple[str, float]:
+    """The shape whose render at ``alpha``'s area and centroid is nearest to it (L1), and the
+    IoU of the two at coverage 1/2 (1 for a clean render; lower for a distorted or noisy one)."""
     size = alpha.shape[-1]
     area = alpha.sum().item()
     if area <= 0:
-        return "circle"
+        return "circle", 0.0
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     cx = (alpha.sum(0) @ coords).item() / area
     cy = (alpha.sum(1) @ coords).item() / area
-    errors = {}
+    errors, masks = {}, {}
     for shape, factor in AREA_OVER_R2.items():
         radius = math.sqrt(area / factor) / size
         spec = ShapeSpec(shape, COLOUR_NAMES[0], "white", cx, cy, radius)
-        mask = torch.from_numpy(shape_mask(spec, size))
-        errors[shape] = (alpha - mask).abs().sum().item()
-    return min(errors, key=errors.get)
+        masks[shape] = torch.from_numpy(shape_mask(spec, size))
+        errors[shape] = (alpha - masks[shape]).abs().sum().item()
+    best = min(errors, key=errors.get)
+    observed, fitted = alpha > 0.5, masks[best] > 0.5
+    union = (observed | fitted).sum().item()
+    return best, (observed & fitted).sum().item() / union if union else 0.0
 
 
 def read_image(image: torch.Tensor) -> dict[str, str]:
-    """``{"shape", "colour", "background"}`` read from one image ``[3, H, W]`` in [-1, 1]."""
+    """``{"shape", "colour", "background", "iou"}`` read from one image ``[3, H, W]`` in
+    [-1, 1]; ``iou`` is how well the read shape fits (:func:`fit_shape`)."""
     rgb = (image.float().clamp(-1, 1) + 1) * 127.5
     pixels = rgb.flatten(1).T
     border = torch.cat([rgb[:, 0], rgb[:, -1], rgb[:, :, 0], rgb[:, :, -1]], dim=1).T
@@ -86,16 +91,16 @@ def read_image(image: torch.Tensor) -> dict[str, str]:
     direction = foreground - background
     alpha = ((pixels - background) @ direction / direction.dot(direction).clamp(min=1e-6))
     alpha = alpha.clamp(0, 1).view(rgb.shape[1:])
-    shape = fit_shape(alpha)
+    shape, iou = fit_shape(alpha)
     colour = COLOUR_NAMES[(PALETTE - foreground).norm(dim=1).argmin()]
     background_name = list(BACKGROUND_COLOURS)[(BACKGROUNDS - background).norm(dim=1).argmin()]
-    return {"shape": shape, "colour": colour, "background": background_name}
+    return {"shape": shape, "colour": colour, "background": background_name, "iou": iou}
 
 
 def calibrate(image_size: int, count: int) -> dict[str, float]:
     """The checker's accuracy on ``count`` real test-split renders."""
     dataset = ShapesDataset(count, image_size, split="test")
-    hits = {"shape": 0, "colour": 0, "background": 0, "both": 0}
+    hits = {"shape": 0, "colour": 0, "background": 0, "both": 0, "shape_iou": 0.0}
     for index in range(count):
         spec = dataset.spec(index)
         read = read_image(dataset[index]["image"])
@@ -103,6 +108,7 @@ def calibrate(image_size: int, count: int) -> dict[str, float]:
         hits["colour"] += read["colour"] == spec.colour
         hits["background"] += read["background"] == spec.background
         hits["both"] += read["shape"] == spec.shape and read["colour"] == spec.colour
+        hits["shape_iou"] += read["iou"]
     return {name: value / count for name, value in hits.items()}
 
 
@@ -149,14 +155,16 @@ def targets(kind: str) -> tuple[list[dict[str, str]], dict[str, list]]:
 
 
 def score(images: torch.Tensor, wanted: list[dict[str, str]], per: int) -> dict[str, float]:
-    """Fractions of samples whose shape, colour, both (and background) match their target."""
-    hits = {"shape": 0, "colour": 0, "both": 0, "background": 0}
+    """Fractions of samples whose shape, colour, both (and background) match their target, and
+    the mean ``shape_iou`` of the read shapes (how clean they are, right or wrong)."""
+    hits = {"shape": 0, "colour": 0, "both": 0, "background": 0, "shape_iou": 0.0}
     for index, image in enumerate(images):
         target, read = wanted[index // per], read_image(image)
         hits["shape"] += read["shape"] == target["shape"]
         hits["colour"] += read["colour"] == target["colour"]
         hits["both"] += read["shape"] == target["shape"] and read["colour"] == target["colour"]
         hits["background"] += read["background"] == target.get("background")
+        hits["shape_iou"] += read["iou"]
     result = {name: value / len(images) for name, value in hits.items()}
     if "background" not in wanted[0]:
         del result["background"]
@@ -211,7 +219,7 @@ def main() -> None:
     n = len(wanted) * args.per_prompt
     report["kind"], report["targets"] = kind, condition
     print(f"| guidance | shape+colour | shape | colour |{' background |' if kind == 'text' else ''}"
-          " seconds |")
+          " shape IoU | seconds |")
     best = None
     for scale in args.guidance:
         start = time.perf_counter()
@@ -223,7 +231,7 @@ def main() -> None:
         save_grid(images, args.out / f"{kind}_guidance{scale:g}.png", nrow=args.per_prompt)
         cells = " | ".join(f"{result[k]:.1%}" for k in ("both", "shape", "colour"))
         extra = f" {result['background']:.1%} |" if kind == "text" else ""
-        print(f"| {scale:g} | {cells} |{extra} {seconds:.0f} |")
+        print(f"| {scale:g} | {cells} |{extra} {result['shape_iou']:.3f} | {seconds:.0f} |")
         if best is None or result["both"] > best[1]["both"]:
             best = (scale, result, images)
     scale, _, images = best
