@@ -7,10 +7,12 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+import transformers
 
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import checkpoint_kind, load_stage
 from ldm_lightning.train import train
+from tests.clip_utils import write_tiny_clip
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 
 TINY_DATA = [o for o in TINY_AUTOENCODER if o.startswith(("data.", "trainer.", "logger"))]
@@ -78,6 +80,25 @@ def test_text_conditional_ldm_trains_saves_and_samples_with_guidance(vq_ckpt, cl
     torch.testing.assert_close(images, again)
     with pytest.raises(ValueError, match="text-conditional"):
         ldm.sample(n=2, steps=2)
+
+
+def test_ldm_on_a_pretrained_transformers_clip_text_encoder(vq_ckpt, tmp_path):
+    """text_pretrained: a save_pretrained folder (here a tiny random CLIP), frozen, recorded."""
+    clip = write_tiny_clip(tmp_path / "clip")
+    overrides = ["+experiment=shapes_ldm_text", *TINY_DATA, *TINY_LDM,
+                 f"model.first_stage.ckpt_path={vq_ckpt}", "model.conditioning.text_ckpt_path=null",
+                 f"model.conditioning.text_pretrained={clip}"]
+    train(compose_config(overrides, tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ldm = load_stage(LatentDiffusionModule, checkpoint, "latent_diffusion")
+    assert ldm.conditioner.frozen and ldm.unet.context_dim == 32
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    pretrained = transformers.CLIPTextModel.from_pretrained(clip).state_dict()
+    for name, tensor in pretrained.items():  # frozen: the pretrained weights, unchanged
+        torch.testing.assert_close(saved[f"conditioner.text.model.{name}"], tensor)
+    images = ldm.sample(n=2, prompts=["a red circle on a gray background"], guidance_scale=3.0,
+                        steps=2)
+    assert images.shape == (2, 3, 16, 16)
 
 
 def test_class_conditional_ldm_trains_saves_and_samples_with_guidance(vq_ckpt, tmp_path):

@@ -12,7 +12,9 @@ conditional and null keyword tensors for guided sampling (Ho & Salimans 2022). K
 - ``text``: captions through a :class:`CaptionEncoder` to ``context [B, L, D]``. The null
   condition is the empty caption, so an empty prompt samples unconditionally. The encoder is
   loaded from a ``ConditionerModule`` checkpoint (``text_ckpt_path``; frozen unless
-  ``freeze_text=false``) or built from ``text`` and trained jointly.
+  ``freeze_text=false``), built from ``text`` and trained jointly, or a pretrained CLIP text
+  encoder from ``transformers`` (``text_pretrained``: a hub id or a local folder; frozen
+  unless ``freeze_text=false``), as Stable Diffusion conditions on CLIP ViT-L/14.
 
 Training drops each item's condition to the null one with probability ``p_uncond``.
 """
@@ -68,10 +70,12 @@ class Conditioning(nn.Module):
         num_tokens: context tokens per class (class route "context"/"both").
         text: :class:`CaptionEncoder` arguments for a jointly trained text encoder.
         text_ckpt_path: a ``ConditionerModule`` checkpoint with a text encoder.
-        freeze_text: freeze the text encoder; default: frozen iff loaded from a checkpoint.
-        text_hparams, text_sha256: the record of a loaded text encoder (see :meth:`record`):
-            with them the architecture is built without reading ``text_ckpt_path``, and the
-            weights come with the diffusion checkpoint.
+        text_pretrained: a ``transformers`` CLIP text model: hub id or local folder.
+        freeze_text: freeze the text encoder; default: frozen iff loaded from a checkpoint
+            or pretrained.
+        text_hparams, text_sha256, text_pretrained_record: the record of a loaded text
+            encoder (see :meth:`record`): with them the architecture is built without reading
+            ``text_ckpt_path`` or the hub, and the weights come with the diffusion checkpoint.
     """
 
     def __init__(
@@ -87,6 +91,8 @@ class Conditioning(nn.Module):
         freeze_text: bool | None = None,
         text_hparams: dict[str, Any] | None = None,
         text_sha256: str | None = None,
+        text_pretrained: str | None = None,
+        text_pretrained_record: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -99,6 +105,9 @@ class Conditioning(nn.Module):
         self.frozen = False
         if kind == "class":
             self._build_class(num_classes, class_route, width, num_tokens)
+        elif kind == "text" and (text_pretrained or text_pretrained_record):
+            self._build_pretrained_text(text_pretrained, text_pretrained_record, text_ckpt_path,
+                                        freeze_text)
         elif kind == "text":
             self._build_text(
                 text or {}, width, text_ckpt_path, freeze_text, text_hparams, text_sha256
@@ -157,6 +166,30 @@ class Conditioning(nn.Module):
             self.text.requires_grad_(False)
             self.text.eval()
 
+    def _build_pretrained_text(
+        self,
+        name_or_path: str | None,
+        record: dict[str, Any] | None,
+        ckpt_path: str | None,
+        freeze: bool | None,
+    ) -> None:
+        from ldm_lightning.nn.pretrained_text import PretrainedTextEncoder
+
+        if ckpt_path:
+            raise ValueError(
+                f"set either {TEXT_KEY} (our conditioner) or model.conditioning.text_pretrained "
+                "(a transformers CLIP text model), not both"
+            )
+        if record is not None:
+            self.text = PretrainedTextEncoder.from_record(record)
+        else:
+            self.text = PretrainedTextEncoder(name_or_path)
+        self._record = {"text_pretrained_record": self.text.record()}
+        self.frozen = True if freeze is None else freeze
+        if self.frozen:
+            self.text.requires_grad_(False)
+            self.text.eval()
+
     # ------------------------------------------------------------------ setup
     @property
     def is_conditional(self) -> bool:
@@ -184,7 +217,9 @@ class Conditioning(nn.Module):
 
         Call at the start of fit (the datamodule is set up); a no-op otherwise.
         """
-        if self.kind == "text" and self.text.tokenizer is None:
+        if self.kind == "text" and self.text.tokenizer is None and hasattr(
+            self.text, "fit_tokenizer"
+        ):
             self.text.fit_tokenizer(dataset_captions(datamodule.dataset("train")))
 
     def train(self, mode: bool = True) -> Conditioning:
