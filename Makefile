@@ -27,7 +27,7 @@ install: $(STAMP)
 ## The offline default: shapes autoencoder -> shapes latent diffusion -> a sample grid, on the CPU.
 ## Stage 2 points at stage 1's checkpoint: the documented way to chain stages.
 demo: $(STAMP)
-	$(PY) -m ldm_lightning.train +experiment=shapes_vq hydra.run.dir=$(DEMO_DIR)/autoencoder
+	$(PY) -m ldm_lightning.train +experiment=shapes_kl hydra.run.dir=$(DEMO_DIR)/autoencoder
 	$(PY) -m ldm_lightning.train +experiment=shapes_ldm hydra.run.dir=$(DEMO_DIR)/diffusion \
 		model.first_stage.ckpt_path=$(DEMO_DIR)/autoencoder/checkpoints/last.ckpt
 	$(PY) -m ldm_lightning.sample hydra.run.dir=$(DEMO_DIR)/samples num_samples=64 \
