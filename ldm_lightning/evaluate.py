@@ -130,6 +130,7 @@ def evaluate_diffusion(
         steps=cfg.steps,
         eta=cfg.eta,
         guidance_scale=cfg.guidance_scale,
+        guidance_rescale=cfg.guidance_rescale,
     )
     first: list[torch.Tensor] = []
     for images in samples:
@@ -257,6 +258,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             "steps": cfg.steps or sampling.get("steps"),
             "eta": sampling.get("eta") if cfg.eta is None else cfg.eta,
             "guidance_scale": cfg.guidance_scale,
+            "guidance_rescale": cfg.guidance_rescale,
             "seed": cfg.seed,
         }
     write_json_atomic(out_dir / "metrics.json", report)

@@ -109,6 +109,7 @@ def run(cfg: DictConfig) -> Path:
         steps=cfg.steps,
         eta=cfg.eta,
         guidance_scale=cfg.guidance_scale,
+        guidance_rescale=cfg.guidance_rescale,
         negative_prompts=optional(cfg.negative_prompts),
         unconditional=cfg.unconditional,
     )

@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--autoencoder", type=Path,
                         help="only the first-stage ceiling of this shapes autoencoder checkpoint")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0])
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="guidance rescale phi (Lin et al. 2024); 0: plain guidance")
     parser.add_argument("--per-prompt", type=int, default=8, help="samples per prompt/label")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim")
@@ -238,7 +240,7 @@ def main() -> None:
     for scale in args.guidance:
         start = time.perf_counter()
         images = ldm.sample(n=n, sampler=args.sampler, steps=args.steps, guidance_scale=scale,
-                            seed=args.seed, **condition)
+                            guidance_rescale=args.guidance_rescale, seed=args.seed, **condition)
         seconds = time.perf_counter() - start
         result = {**score(images, wanted, args.per_prompt), "seconds": round(seconds, 1)}
         report[f"guidance_{scale:g}"] = result

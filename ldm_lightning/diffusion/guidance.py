@@ -6,6 +6,17 @@ The guided prediction extrapolates from the unconditional output u towards the c
 
 Ho & Salimans write it for eps. The map is linear in the model output and x0, eps and v are affine
 in one another at fixed (x_t, t), so applying it to a v or x0 output gives the same guided sample.
+
+Guidance rescale (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+flawed", sec. 3.4, eqs. 15-17) pulls the per-sample standard deviation of the guided output back
+towards the conditional one, against the over-exposed, over-saturated samples of large w:
+
+    pred_rescaled = pred * std(c) / std(pred)
+    pred_final    = phi * pred_rescaled + (1 - phi) * pred
+
+with std over every dimension but the batch. It is not linear, so it depends on what the model
+outputs; like diffusers' ``guidance_rescale`` it is applied to the model's output (eps for an
+eps-prediction model; the paper uses v).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ def classifier_free_guidance(
     scale: float,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor],
+    rescale: float = 0.0,
 ) -> ModelFn:
     """Wrap a conditional denoiser into a guided ``model_fn(x [B, ...], t [B]) -> [B, ...]``.
 
@@ -35,7 +47,10 @@ def classifier_free_guidance(
         scale: guidance weight w.
         cond: conditioning keyword tensors, each with batch size B (e.g. ``context`` [B, L, D]).
         uncond: the null conditioning with the same keys and shapes as ``cond``.
+        rescale: guidance rescale phi in [0, 1] (0: plain guidance); see the module docstring.
     """
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     if set(cond) != set(uncond):
         raise ValueError(
             f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}"
@@ -52,6 +67,15 @@ def classifier_free_guidance(
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), **doubled).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        guided_out = out_uncond + scale * (out_cond - out_uncond)
+        return rescale_guidance(guided_out, out_cond, rescale) if rescale else guided_out
 
     return guided
+
+
+def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
+    """Lin et al. 2024 eqs. 15-17: ``phi * guided * std(cond) / std(guided) + (1 - phi) *
+    guided``, standard deviations per sample over all non-batch dimensions."""
+    dims = tuple(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return rescale * guided * ratio + (1 - rescale) * guided

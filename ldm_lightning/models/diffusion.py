@@ -256,12 +256,15 @@ class LatentDiffusionModule(pl.LightningModule):
         progress: bool = False,
         negative_prompts: list[str] | None = None,
         unconditional: bool = False,
+        guidance_rescale: float = 0.0,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
         Conditional models take ``labels`` or ``prompts`` and apply classifier-free guidance
         ``eps_u + s (eps_c - eps_u)``, ``s = guidance_scale``, in one batched forward pass (Ho &
-        Salimans 2022, eq. 6); ``unconditional=True`` samples with the null condition. The same
+        Salimans 2022, eq. 6), optionally rescaled (``guidance_rescale``, Lin et al. 2024 eq. 16;
+        see :mod:`ldm_lightning.diffusion.guidance`); ``unconditional=True`` samples with the
+        null condition. The same
         ``seed`` gives the same images on any device. With ``return_trajectory`` also the
         latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
         """
@@ -282,7 +285,9 @@ class LatentDiffusionModule(pl.LightningModule):
         )
         cond = {k: v.to(self.device) for k, v in cond.items()}
         uncond = {k: v.to(self.device) for k, v in uncond.items()}
-        model_fn = classifier_free_guidance(self.unet, guidance_scale, cond, uncond)
+        model_fn = classifier_free_guidance(
+            self.unet, guidance_scale, cond, uncond, rescale=guidance_rescale
+        )
         shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
         result = sample(
             model_fn,

@@ -86,3 +86,33 @@ def test_mismatched_conditioning_is_rejected(conditioning):
         classifier_free_guidance(
             CountingModel(), 2.0, cond, {"context": torch.zeros(1, 4, 2), "y": uncond["y"]}
         )
+
+
+@pytest.mark.parametrize("phi", [0.3, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(conditioning, phi):
+    """Lin et al. 2024 eqs. 15-17, against diffusers' rescale_noise_cfg on the same outputs."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    cond, uncond = conditioning
+    model = CountingModel()
+    x, t = torch.randn(3, 2, 5, 5), torch.tensor([10, 500, 999])
+    rescaled = classifier_free_guidance(model, 5.0, cond, uncond, rescale=phi)(x, t)
+    assert model.batch_sizes == [6]  # still one doubled pass
+    u, c = model(x, t, **uncond), model(x, t, **cond)
+    expected = rescale_noise_cfg(u + 5.0 * (c - u), c, guidance_rescale=phi)
+    torch.testing.assert_close(rescaled, expected)
+
+
+def test_full_rescale_gives_the_conditional_std_and_zero_is_plain(conditioning):
+    cond, uncond = conditioning
+    x, t = torch.randn(3, 2, 5, 5), torch.tensor([10, 500, 999])
+    model = CountingModel()
+    plain = classifier_free_guidance(model, 5.0, cond, uncond)(x, t)
+    torch.testing.assert_close(
+        classifier_free_guidance(model, 5.0, cond, uncond, rescale=0.0)(x, t), plain
+    )
+    full = classifier_free_guidance(model, 5.0, cond, uncond, rescale=1.0)(x, t)
+    c = model(x, t, **cond)
+    torch.testing.assert_close(full.flatten(1).std(1), c.flatten(1).std(1))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        classifier_free_guidance(model, 5.0, cond, uncond, rescale=1.5)
