@@ -287,7 +287,6 @@ class AutoencoderModule(pl.LightningModule):
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             sched_d.step()
         self.train_batches += 1
-        logs["lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
 
         logs.update({k: info[k] for k in ("perplexity", "usage") if k in info})
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)

@@ -161,10 +161,7 @@ class Conditioning(nn.Module):
                 "model.conditioning.freeze_text=true freezes a randomly initialised text "
                 f"encoder; set {TEXT_KEY} to a pretrained conditioner or freeze_text=false"
             )
-        self.frozen = from_checkpoint if freeze is None else freeze
-        if self.frozen:
-            self.text.requires_grad_(False)
-            self.text.eval()
+        self._freeze_text(from_checkpoint if freeze is None else freeze)
 
     def _build_pretrained_text(
         self,
@@ -185,8 +182,11 @@ class Conditioning(nn.Module):
         else:
             self.text = PretrainedTextEncoder(name_or_path)
         self._record = {"text_pretrained_record": self.text.record()}
-        self.frozen = True if freeze is None else freeze
-        if self.frozen:
+        self._freeze_text(True if freeze is None else freeze)
+
+    def _freeze_text(self, frozen: bool) -> None:
+        self.frozen = frozen
+        if frozen:
             self.text.requires_grad_(False)
             self.text.eval()
 
@@ -217,8 +217,10 @@ class Conditioning(nn.Module):
 
         Call at the start of fit (the datamodule is set up); a no-op otherwise.
         """
-        if self.kind == "text" and self.text.tokenizer is None and hasattr(
-            self.text, "fit_tokenizer"
+        if (
+            self.kind == "text"
+            and isinstance(self.text, CaptionEncoder)  # a pretrained one brings its tokenizer
+            and self.text.tokenizer is None
         ):
             self.text.fit_tokenizer(dataset_captions(datamodule.dataset("train")))
 

@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,3 @@ class PretrainedTextEncoder(nn.Module):
         ids = self.tokenize(list(captions)).to(self.model.device)
         out = self.model(input_ids=ids)
         return out.last_hidden_state, out.pooler_output
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device

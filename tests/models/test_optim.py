@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from ldm_lightning.models.optim import lr_factor
+from ldm_lightning.models.optim import lr_factor, schedule_lambda
 
 
 def test_warmup_rises_linearly_then_constant_holds() -> None:
@@ -33,3 +34,11 @@ def test_decays_end_at_the_floor_and_stay_there() -> None:
 def test_unknown_schedule_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="constant.*cosine.*linear"):
         lr_factor(0, 0, 10, "exponential")
+
+
+def test_a_decay_over_an_unbounded_run_says_what_to_set() -> None:
+    module = SimpleNamespace(_trainer=True, trainer=SimpleNamespace(
+        estimated_stepping_batches=float("inf")))
+    with pytest.raises(ValueError, match="schedule=cosine needs a known run length.*max_epochs"):
+        schedule_lambda(module, {"schedule": "cosine"})
+    assert schedule_lambda(module, {"schedule": "constant", "warmup_steps": 2})(0) == 0.5
