@@ -1,12 +1,13 @@
 """Reverse-process samplers: DDPM ancestral, DDIM, DPM-Solver++(2M).
 
 Every sampler walks a decreasing subsequence tau_1 > ... > tau_S of training timesteps (see
-:func:`inference_timesteps`) and ends with a step to abar = 1, i.e. the last step returns the
-model's prediction of x0 at tau_S. This is diffusers' convention for ``DDPMScheduler``,
-``DPMSolverMultistepScheduler(final_sigmas_type="zero")`` and
-``DDIMScheduler(set_alpha_to_one=True)``.
+:func:`inference_timesteps`), one model evaluation each, and ends with a step to abar = 1
+(sigma = 0), i.e. the last step returns the model's prediction of x0 at tau_S. This is diffusers'
+convention for ``DDPMScheduler``, ``DDIMScheduler(set_alpha_to_one=True)`` and
+``DPMSolverMultistepScheduler(final_sigmas_type="zero")``.
 
-Matching diffusers exactly (``steps_offset=0``, ``clip_sample=False``):
+Matching diffusers exactly (``steps_offset=0``, ``clip_sample=False``), for every
+``timestep_spacing`` and number of steps:
 
 - ``ddpm``: ``DDPMScheduler`` with the same ``timestep_spacing``. One deliberate difference: no
   noise is added on the step to abar = 1 (DDPM Algorithm 2, z = 0 at the end); diffusers adds
@@ -14,13 +15,21 @@ Matching diffusers exactly (``steps_offset=0``, ``clip_sample=False``):
 - ``ddim``: ``DDIMScheduler(set_alpha_to_one=True)`` with "leading", and with "trailing" when
   ``T % steps == 0``. diffusers' DDIM always steps back by ``T // steps`` rather than to the next
   timestep of its grid, so with "linspace" it differs from this (and from its own DDPMScheduler).
-- ``dpmpp_2m``: "trailing" matches ``DPMSolverMultistepScheduler(timestep_spacing="trailing")``.
-  For "leading"/"linspace" diffusers' DPM-Solver builds a grid of steps + 1 points and drops 0, so
-  pass our grid to it with ``set_timesteps(timesteps=inference_timesteps(...))`` instead.
+- ``dpmpp_2m``: ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+  lower_order_final=True, final_sigmas_type="zero")``, on that scheduler's own grid
+  (``inference_timesteps(..., zero_endpoint=True)``): "leading" and "linspace" are built from
+  steps + 1 points whose last, t = 0, is not evaluated but replaced by sigma = 0.
 
-Few steps cost accuracy even with a perfect model (tests/diffusion/test_samplers_closed_form.py):
-DDIM is first order; DPM-Solver++(2M) is second order but on the "leading" grid its last interval
-(t = T/steps -> 0) is a large log-SNR jump, so for ~20 steps prefer ``timestep_spacing="trailing"``.
+Why DPM-Solver does not evaluate t = 0 (DPM-Solver++, Lu et al. 2022, Algorithm 2): the
+"leading" and "linspace" grids of DDPM/DDIM end at t = 0, and a multistep solver on them takes
+its last second-order step from t ~ T / steps to t = 0. That interval spans a jump in half
+log-SNR lambda = log(alpha / sigma) of h = 4.61 - 2.53 = 2.07 (50 steps, linear schedule), 3.5x
+the previous one, and extrapolating x0 over it overshoots: on Gaussian data of std 0.4 this
+sampler used to return std 0.431 where diffusers returns 0.400. On the reference's grid the last
+model evaluation is at t ~ T / (steps + 1), and the step from there to sigma = 0 (h = inf,
+r = h_prev / h = 0, where the second-order correction is undefined) is first order: it returns
+the x0 prediction. Even with a perfect model few steps cost accuracy, DDIM being first order and
+DPM-Solver++(2M) second order: see tests/diffusion/test_samplers_closed_form.py.
 
 Random numbers are drawn with ``torch.randn(..., generator=generator)`` on the generator's device
 (CPU when no generator is given) and then moved, so one seed gives the same images on any device:
@@ -46,31 +55,41 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def inference_timesteps(
-    num_train_timesteps: int, steps: int, spacing: str = "leading"
+    num_train_timesteps: int, steps: int, spacing: str = "leading", zero_endpoint: bool = False
 ) -> list[int]:
-    """Decreasing timesteps to sample at (Lin et al. 2024, "Common diffusion noise schedules and
-    sample steps are flawed", table 2), computed as diffusers' DDIM/DDPM ``set_timesteps`` does:
+    """Decreasing timesteps to evaluate the model at (Lin et al. 2024, "Common diffusion noise
+    schedules and sample steps are flawed", table 2), as diffusers' ``set_timesteps`` computes them.
 
-    - "leading": k * (T // steps) for k = steps-1..0; ends at 0, never reaches T-1.
+    With ``zero_endpoint=False`` (DDPM, DDIM: ``DDPMScheduler``, ``DDIMScheduler``), n = steps:
+
+    - "leading": k * (T // n) for k = n-1..0; ends at 0, never reaches T-1.
     - "trailing": round(T - k T/steps) - 1 for k = 0..steps-1; starts at T-1.
-    - "linspace": round(linspace(0, T-1, steps)) reversed; both ends included.
+    - "linspace": round(linspace(0, T-1, n)) reversed; both ends included.
+
+    With ``zero_endpoint=True`` (DPM-Solver: ``DPMSolverMultistepScheduler``), t = 0 is the
+    sigma = 0 end of the last step rather than a model evaluation: "leading" and "linspace" take
+    n = steps + 1 points and drop their last, t = 0, so steps <= T - 1; "trailing" is unchanged
+    (its next point, k = steps, would be t = -1, which is abar = 1 already).
     """
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(
             f"unknown timestep_spacing {spacing!r}; choose one of: {', '.join(TIMESTEP_SPACINGS)}"
         )
-    if not 1 <= steps <= num_train_timesteps:
+    drop_zero = zero_endpoint and spacing != "trailing"
+    max_steps = num_train_timesteps - 1 if drop_zero else num_train_timesteps
+    if not 1 <= steps <= max_steps:
         raise ValueError(
-            f"steps must be in [1, {num_train_timesteps}] (the schedule's T), got {steps}"
+            f"steps must be in [1, {max_steps}] (the schedule's T"
+            f"{' - 1: t = 0 is not evaluated' if drop_zero else ''}), got {steps}"
         )
+    n = steps + 1 if drop_zero else steps
     if spacing == "leading":
-        ts = np.arange(0, steps) * (num_train_timesteps // steps)
-        ts = ts[::-1]
+        ts = (np.arange(0, n) * (num_train_timesteps // n))[::-1]
     elif spacing == "trailing":
         ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)) - 1
     else:
-        ts = np.linspace(0, num_train_timesteps - 1, steps).round()[::-1]
-    return [int(t) for t in ts]
+        ts = np.linspace(0, num_train_timesteps - 1, n).round()[::-1]
+    return [int(t) for t in ts[:steps]]
 
 
 def _ddpm_step(
@@ -171,7 +190,8 @@ def sample(
         schedule: the training noise schedule.
         sampler: "ddpm" (ancestral, DDPM Algorithm 2), "ddim" (DDIM eq. 12) or "dpmpp_2m"
             (DPM-Solver++(2M), deterministic).
-        steps: number of model evaluations; ``None`` runs all ``schedule.timesteps``.
+        steps: number of model evaluations; ``None`` runs all ``schedule.timesteps`` (T, which
+            "dpmpp_2m" allows only with "trailing": see :func:`inference_timesteps`).
         eta: DDIM noise scale (0 deterministic, 1 matches DDPM's posterior variance).
         generator: source of all random numbers (see module docstring).
         device: where to sample; defaults to ``x_T``'s device, else the schedule's.
@@ -189,7 +209,9 @@ def sample(
     _check_args(sampler, eta, variance, shape, x_T)
     check_prediction(prediction)
     n_steps = schedule.timesteps if steps is None else steps
-    timesteps = inference_timesteps(schedule.timesteps, n_steps, timestep_spacing)
+    timesteps = inference_timesteps(
+        schedule.timesteps, n_steps, timestep_spacing, zero_endpoint=sampler == "dpmpp_2m"
+    )
     if device is None:
         device = x_T.device if x_T is not None else schedule.device
     schedule = schedule.to(device)

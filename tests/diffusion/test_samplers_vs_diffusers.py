@@ -44,13 +44,10 @@ def exact_abar(scheduler, schedule: NoiseSchedule):
     return scheduler
 
 
-def run_diffusers(scheduler, model, timesteps=None, num_steps=None, seed=0, **step_kwargs):
+def run_diffusers(scheduler, model, num_steps, seed=0, **step_kwargs):
     """The standard diffusers loop; returns final sample and the list of predicted x0."""
     gen = torch.Generator().manual_seed(seed)
-    if timesteps is not None:
-        scheduler.set_timesteps(timesteps=timesteps)
-    else:
-        scheduler.set_timesteps(num_steps)
+    scheduler.set_timesteps(num_steps)
     x = torch.randn(SHAPE, generator=gen)
     preds = []
     with torch.no_grad():
@@ -159,51 +156,47 @@ def test_ddpm_matches_with_same_generator(model, steps, variance, prediction, sp
     torch.testing.assert_close(x, x_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize(
     ("kind", "prediction", "steps"),
-    [("linear", "eps", 20), ("cosine", "v", 20), ("linear", "x0", 8)],
+    [
+        ("linear", "eps", 50),
+        ("cosine", "v", 20),
+        ("linear", "x0", 10),
+        ("cosine", "eps", 15),
+        ("linear", "v", 7),
+    ],
 )
-def test_dpmpp_2m_matches_trailing(model, kind, prediction, steps):
+def test_dpmpp_2m_matches(model, kind, prediction, spacing, steps):
+    """Every spacing on diffusers' own grid (steps + 1 points less t = 0 for "leading" and
+    "linspace"): ``steps`` model calls at its timesteps, then a first-order step to sigma = 0.
+    15 and 7 do not divide T."""
+    schedule = NoiseSchedule.make(kind)
     ref = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_schedule=SCHEDULE_KINDS[kind],
         algorithm_type="dpmsolver++",
         solver_order=2,
         lower_order_final=True,
-        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+        timestep_spacing=spacing,
         prediction_type=DIFFUSERS_PREDICTION[prediction],
     )
-    x_ref, _, ts_ref = run_diffusers(ref, model, num_steps=steps)
-    assert inference_timesteps(1000, steps, "trailing") == ts_ref
-    x = sample(
+    x_ref, _, ts_ref = run_diffusers(exact_abar(ref, schedule), model, num_steps=steps)
+    assert inference_timesteps(1000, steps, spacing, zero_endpoint=True) == ts_ref
+    x, preds = sample(
         model,
         SHAPE,
-        NoiseSchedule.make(kind),
+        schedule,
         sampler="dpmpp_2m",
         steps=steps,
         prediction=prediction,
         generator=torch.Generator().manual_seed(0),
-        timestep_spacing="trailing",
+        timestep_spacing=spacing,
+        return_trajectory=True,
     )
-    torch.testing.assert_close(x, x_ref, atol=1e-4, rtol=1e-4)
-
-
-def test_dpmpp_2m_matches_on_leading_grid(model):
-    """Any grid: hand ours to diffusers as custom timesteps."""
-    ref = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2
-    )
-    grid = inference_timesteps(1000, 15, "leading")
-    x_ref, _, _ = run_diffusers(ref, model, timesteps=grid)
-    x = sample(
-        model,
-        SHAPE,
-        NoiseSchedule.make("linear"),
-        sampler="dpmpp_2m",
-        steps=15,
-        generator=torch.Generator().manual_seed(0),
-    )
-    torch.testing.assert_close(x, x_ref, atol=1e-4, rtol=1e-4)
+    assert len(preds) == steps
+    torch.testing.assert_close(x, x_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_ddim_eta_one_equals_ddpm(model):
@@ -254,6 +247,11 @@ def test_inference_timesteps_hand_values():
     assert inference_timesteps(1000, 4, "trailing") == [999, 749, 499, 249]
     assert inference_timesteps(1000, 4, "linspace") == [999, 666, 333, 0]
     assert inference_timesteps(10, 10, "leading") == list(range(9, -1, -1))
+    assert inference_timesteps(1000, 4, "leading", zero_endpoint=True) == [800, 600, 400, 200]
+    assert inference_timesteps(1000, 4, "trailing", zero_endpoint=True) == [999, 749, 499, 249]
+    assert inference_timesteps(1000, 4, "linspace", zero_endpoint=True) == [999, 749, 500, 250]
+    assert inference_timesteps(10, 9, "leading", zero_endpoint=True) == list(range(9, 0, -1))
+    assert inference_timesteps(10, 10, "trailing", zero_endpoint=True) == list(range(9, -1, -1))
 
 
 def test_trajectory_clipping_and_progress(model, capsys):
@@ -284,6 +282,7 @@ def test_trajectory_clipping_and_progress(model, capsys):
         ({"timestep_spacing": "karras"}, "leading, trailing, linspace"),
         ({"steps": 0}, r"steps must be in \[1, 1000\]"),
         ({"steps": 1001}, r"steps must be in \[1, 1000\]"),
+        ({"sampler": "dpmpp_2m", "steps": None}, r"steps must be in \[1, 999\].*t = 0"),
         ({"variance": "learned"}, "fixed_small, fixed_large"),
         ({"eta": -0.1}, "eta must be >= 0"),
         ({"x_T": torch.zeros(1, 3, 8, 8)}, "x_T has shape"),
