@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,14 @@ from ldm_lightning.metrics.fid import (
 )
 from ldm_lightning.metrics.reconstruction import ReconstructionMetrics
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
-from ldm_lightning.models.checkpoints import checkpoint_kind, load_stage, read_checkpoint
+from ldm_lightning.models.checkpoints import (
+    checkpoint_kind,
+    load_stage,
+    read_checkpoint,
+    run_config_path,
+)
 from ldm_lightning.sample import generate
+from ldm_lightning.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +59,13 @@ def data_config(
 ) -> tuple[DictConfig, str]:
     """The data config to evaluate on and where it came from.
 
-    The checkpoint's run directory (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``)
-    holds the data the model was trained on; ``data.*`` overrides apply on top of it. A
-    ``data=<name>`` override, or a checkpoint without a ``config.yaml``, uses ``cfg.data``.
+    The checkpoint's run directory (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``, or
+    an export folder's ``run_config.yaml``) holds the data the model was trained on; ``data.*``
+    overrides apply on top of it. A ``data=<name>`` override, or a checkpoint without a run
+    config, uses ``cfg.data``.
     """
     keys = [o.lstrip("+~").split("=", 1)[0] for o in cli_overrides]
-    run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    run_config = run_config_path(ckpt_path)
     if "data" in keys:
         return cfg.data, "the data= override"
     if not run_config.is_file():
@@ -129,6 +135,7 @@ def evaluate_diffusion(
         sampler=cfg.sampler,
         steps=cfg.steps,
         eta=cfg.eta,
+        timestep_spacing=cfg.timestep_spacing,
         guidance_scale=cfg.guidance_scale,
         guidance_rescale=cfg.guidance_rescale,
     )
@@ -199,22 +206,13 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON to a tmp file, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``payload`` as indented JSON over ``path`` atomically: a kill leaves the old file."""
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; returns what ``metrics.json`` holds."""
-    checkpoint = read_checkpoint(cfg.ckpt_path)
+    checkpoint = read_checkpoint(cfg.ckpt_path, trust=cfg.trust_checkpoint)
     kind = checkpoint_kind(checkpoint)
     del checkpoint
     if kind not in MODULES:
@@ -229,7 +227,8 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             f"{list(OPTIONAL_METRICS)}"
         )
     device = _device(cfg.device)
-    module = load_stage(MODULES[kind], cfg.ckpt_path, kind).to(device)
+    module = load_stage(MODULES[kind], cfg.ckpt_path, kind, trust=cfg.trust_checkpoint)
+    module.to(device)
     data_cfg, data_source = data_config(cfg, cfg.ckpt_path, cli_overrides)
     datamodule = hydra.utils.instantiate(data_cfg)
     extractor = build_feature_extractor(cfg.feature_extractor).to(device)
@@ -257,6 +256,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             "sampler": cfg.sampler or sampling.get("sampler"),
             "steps": cfg.steps or sampling.get("steps"),
             "eta": sampling.get("eta") if cfg.eta is None else cfg.eta,
+            "timestep_spacing": cfg.timestep_spacing or sampling.get("timestep_spacing"),
             "guidance_scale": cfg.guidance_scale,
             "guidance_rescale": cfg.guidance_rescale,
             "seed": cfg.seed,

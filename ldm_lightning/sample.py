@@ -89,7 +89,9 @@ def write_samples(images: torch.Tensor, out_dir: str | Path, nrow: int | None = 
 
 
 def run(cfg: DictConfig) -> Path:
-    model = load_stage(LatentDiffusionModule, cfg.ckpt_path, "latent_diffusion", "ckpt_path")
+    model = load_stage(
+        LatentDiffusionModule, cfg.ckpt_path, "latent_diffusion", trust=cfg.trust_checkpoint
+    )
     model.to(resolve_device(cfg.device))
 
     def optional(value: Any) -> Any:
@@ -108,6 +110,7 @@ def run(cfg: DictConfig) -> Path:
         sampler=cfg.sampler,
         steps=cfg.steps,
         eta=cfg.eta,
+        timestep_spacing=cfg.timestep_spacing,
         guidance_scale=cfg.guidance_scale,
         guidance_rescale=cfg.guidance_rescale,
         negative_prompts=optional(cfg.negative_prompts),

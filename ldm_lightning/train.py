@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
             if not best:
                 log.warning("No best checkpoint was saved; testing the current weights.")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
             metrics.update(trainer.callback_metrics)
     finally:
         _finish_wandb()

@@ -21,6 +21,7 @@ from optuna.distributions import CategoricalDistribution, LogUniformDistribution
 
 from ldm_lightning.models.speed import compile_options, rank_generator
 from ldm_lightning.train import train
+from ldm_lightning.utils.checkpoint_io import AtomicCheckpointIO
 from ldm_lightning.utils.wandb import slurm_run_id, wandb_logger
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.models.test_diffusion_module import TINY_LDM
@@ -91,7 +92,8 @@ def test_ddp_and_multinode_trainers(tmp_path: Path) -> None:
     assert ddp.use_distributed_sampler
     cfg = compose_config(["trainer=multinode", "trainer.num_nodes=3"], tmp_path)
     assert (cfg.trainer.num_nodes, cfg.trainer.strategy, cfg.matmul_precision) == (3, "ddp", "high")
-    (environment,) = hydra.utils.instantiate(cfg.trainer.plugins)
+    environment, checkpoint_io = hydra.utils.instantiate(cfg.trainer.plugins)
+    assert isinstance(checkpoint_io, AtomicCheckpointIO)
     assert isinstance(environment, SLURMEnvironment)
     assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1
 

@@ -175,6 +175,7 @@ def shape_quality(ldm: LatentDiffusionModule, args: argparse.Namespace) -> dict[
     """For an unconditional model there is no target: how clean its shapes are. Mean shape IoU
     of ``18 * per_prompt`` samples and the share above 0.8 (a clean, recognisable shape)."""
     images = ldm.sample(n=18 * args.per_prompt, sampler=args.sampler, steps=args.steps,
+                        timestep_spacing=args.timestep_spacing,
                         seed=args.seed)
     ious = torch.tensor([read_image(image)["iou"] for image in images])
     return {"samples": len(ious), "shape_iou": ious.mean().item(),
@@ -193,6 +194,8 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=8, help="samples per prompt/label")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"],
+                        help="default: the checkpoint's model.sampling.timestep_spacing")
     parser.add_argument("--calibration", type=int, default=1000, help="real renders to check")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/conditioning"))
     parser.add_argument("--seed", type=int, default=0)
@@ -240,6 +243,7 @@ def main() -> None:
     for scale in args.guidance:
         start = time.perf_counter()
         images = ldm.sample(n=n, sampler=args.sampler, steps=args.steps, guidance_scale=scale,
+                            timestep_spacing=args.timestep_spacing,
                             guidance_rescale=args.guidance_rescale, seed=args.seed, **condition)
         seconds = time.perf_counter() - start
         result = {**score(images, wanted, args.per_prompt), "seconds": round(seconds, 1)}

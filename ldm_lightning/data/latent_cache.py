@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lightning.utils.atomic import atomic_torch_save
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -196,9 +198,9 @@ class LatentCache:
         return float(var.clamp_min(1e-24).rsqrt())
 
     def save(self) -> None:
-        """Write to :attr:`path` atomically: a ``.tmp-<pid>`` file, fsync, then rename.
+        """Write to :attr:`path` atomically (:func:`~ldm_lightning.utils.atomic.atomic_write`).
 
-        A run killed mid-write leaves only the tmp file, which :meth:`load` never reads.
+        A run killed mid-write leaves only a hidden tmp file, which :meth:`load` never reads.
         """
         payload = {
             "format_version": FORMAT_VERSION,
@@ -211,17 +213,7 @@ class LatentCache:
             "std": self.std,
             "sha256": _checksum(self.latents, self.latents_flipped, self.labels, self.captions),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(self.path.parent)
+        atomic_torch_save(payload, self.path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_key: CacheKey,
@@ -250,17 +242,6 @@ class LatentCache:
         return cls(key=expected_key, path=path, latents=data["latents"],
                    latents_flipped=data["latents_flipped"], labels=data["labels"],
                    captions=data["captions"], mean=data["mean"], std=data["std"])
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename on POSIX file systems; directories cannot be opened on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _invalid_reason(data: Any, key: CacheKey, expected_length: int | None) -> str | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from torchmetrics.image import (
 from tqdm import tqdm
 
 from ldm_lightning.data.latent_cache import state_dict_sha256
+from ldm_lightning.utils.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -233,20 +233,6 @@ def _load_cached(path: Path, key: RealFeaturesKey) -> Tensor | None:
     return payload["features"]
 
 
-def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a tmp file, fsync, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def real_features(
     datamodule: Any,
     split: str,
@@ -283,8 +269,8 @@ def real_features(
         for batch in tqdm(loader, desc=f"real features ({split})", disable=not progress)
     ]
     features = torch.cat(chunks)
-    _save_atomic(
-        path, {"format_version": FORMAT_VERSION, "key": key.to_dict(), "features": features}
+    atomic_torch_save(
+        {"format_version": FORMAT_VERSION, "key": key.to_dict(), "features": features}, path
     )
     log.info("Cached real-image features of %d images at %s", features.shape[0], path)
     return features

@@ -26,7 +26,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm_lightning.losses.autoencoder import AutoencoderLoss
 from ldm_lightning.losses.perceptual import build_lpips
-from ldm_lightning.models.checkpoints import read_checkpoint, stamp
+from ldm_lightning.models.checkpoints import SafeLoading, read_checkpoint, stamp
 from ldm_lightning.models.optim import scaled_learning_rate, schedule_lambda
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.distributions import DiagonalGaussian
@@ -75,7 +75,7 @@ class LazyPerceptual:
         return self.net(x, y)
 
 
-class AutoencoderModule(pl.LightningModule):
+class AutoencoderModule(SafeLoading, pl.LightningModule):
     """VQ or KL autoencoder with its GAN training loop. See the module docstring."""
 
     kind = "autoencoder"
@@ -393,9 +393,16 @@ class AutoencoderModule(pl.LightningModule):
         self.load_state_dict(weights, strict=False)
 
     @classmethod
-    def from_compvis_checkpoint(cls, path: str | Path, **hparams: Any) -> AutoencoderModule:
-        """Build an autoencoder with ``hparams`` and load CompVis weights from ``path``."""
-        checkpoint = read_checkpoint(path, "compvis_ckpt_path")
+    def from_compvis_checkpoint(
+        cls, path: str | Path, trust: bool = False, **hparams: Any
+    ) -> AutoencoderModule:
+        """Build an autoencoder with ``hparams`` and load CompVis weights from ``path``.
+
+        CompVis' released ``model.ckpt`` files pickle Lightning's ``ModelCheckpoint`` class as
+        a dict key; the safe reader maps that name to a placeholder, so they load with
+        ``weights_only=True`` and ``trust`` is not needed for them.
+        """
+        checkpoint = read_checkpoint(path, "compvis_ckpt_path", trust)
         module = cls(**hparams)
         module.load_compvis_state_dict(checkpoint["state_dict"])
         return module

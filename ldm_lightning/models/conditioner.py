@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_lightning.data.tokenizer import EOS_ID, PAD_ID, CaptionTokenizer, dataset_captions
-from ldm_lightning.models.checkpoints import stamp
+from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.first_stage import build_first_stage
 from ldm_lightning.models.optim import adamw_with_warmup
 from ldm_lightning.nn.image_encoder import LatentImageEncoder
@@ -191,7 +191,7 @@ def retrieval_recall(
     return result
 
 
-class ConditionerModule(pl.LightningModule):
+class ConditionerModule(SafeLoading, pl.LightningModule):
     """A class or caption encoder, pretrained CLIP-style. See the module docstring.
 
     Args:

@@ -28,9 +28,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm_lightning.data.latent_cache import file_sha256
 from ldm_lightning.data.tokenizer import dataset_captions
-from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.models.checkpoints import load_stage, stage_sha256
 from ldm_lightning.models.conditioner import (
     CaptionEncoder,
     ClassEncoder,
@@ -69,13 +68,16 @@ class Conditioning(nn.Module):
         width: context width ``D`` of the class tokens, and of a text encoder built here.
         num_tokens: context tokens per class (class route "context"/"both").
         text: :class:`CaptionEncoder` arguments for a jointly trained text encoder.
-        text_ckpt_path: a ``ConditionerModule`` checkpoint with a text encoder.
+        text_ckpt_path: a ``ConditionerModule`` checkpoint with a text encoder (a ``.ckpt`` or
+            an export folder).
         text_pretrained: a ``transformers`` CLIP text model: hub id or local folder.
         freeze_text: freeze the text encoder; default: frozen iff loaded from a checkpoint
             or pretrained.
         text_hparams, text_sha256, text_pretrained_record: the record of a loaded text
             encoder (see :meth:`record`): with them the architecture is built without reading
             ``text_ckpt_path`` or the hub, and the weights come with the diffusion checkpoint.
+        trust_checkpoint: read a ``text_ckpt_path`` whose pickle names code (see
+            :mod:`ldm_lightning.utils.safe_load`); refused otherwise.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class Conditioning(nn.Module):
         text_sha256: str | None = None,
         text_pretrained: str | None = None,
         text_pretrained_record: dict[str, Any] | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -110,7 +113,13 @@ class Conditioning(nn.Module):
                                         freeze_text)
         elif kind == "text":
             self._build_text(
-                text or {}, width, text_ckpt_path, freeze_text, text_hparams, text_sha256
+                text or {},
+                width,
+                text_ckpt_path,
+                freeze_text,
+                text_hparams,
+                text_sha256,
+                trust_checkpoint,
             )
 
     def _build_class(
@@ -137,12 +146,13 @@ class Conditioning(nn.Module):
         freeze: bool | None,
         hparams: dict[str, Any] | None,
         sha256: str | None,
+        trust: bool,
     ) -> None:
         if hparams is not None:
             self.text = CaptionEncoder(**hparams)
             self._record = {"text_hparams": dict(hparams), "text_sha256": sha256}
         elif ckpt_path:
-            module = load_stage(ConditionerModule, ckpt_path, "conditioner", TEXT_KEY)
+            module = load_stage(ConditionerModule, ckpt_path, "conditioner", TEXT_KEY, trust)
             if not isinstance(module.encoder, CaptionEncoder):
                 raise ValueError(
                     f"{TEXT_KEY}={ckpt_path} holds a class conditioner, but kind=text needs a "
@@ -151,7 +161,7 @@ class Conditioning(nn.Module):
             self.text = module.encoder
             self._record = {
                 "text_hparams": dict(module.encoder.config),
-                "text_sha256": file_sha256(ckpt_path),
+                "text_sha256": stage_sha256(ckpt_path),
             }
         else:
             self.text = CaptionEncoder(**{"width": width, **text})

@@ -26,7 +26,7 @@ from ldm_lightning.diffusion import (
     target,
 )
 from ldm_lightning.models.autoencoder import inverse_std
-from ldm_lightning.models.checkpoints import stamp
+from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.conditioning import Conditioning
 from ldm_lightning.models.first_stage import build_first_stage
 from ldm_lightning.models.optim import adamw_with_warmup
@@ -36,7 +36,7 @@ from ldm_lightning.nn.unet import UNetModel
 log = logging.getLogger(__name__)
 
 
-class LatentDiffusionModule(pl.LightningModule):
+class LatentDiffusionModule(SafeLoading, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
@@ -257,6 +257,7 @@ class LatentDiffusionModule(pl.LightningModule):
         negative_prompts: list[str] | None = None,
         unconditional: bool = False,
         guidance_rescale: float = 0.0,
+        timestep_spacing: str | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
@@ -267,6 +268,8 @@ class LatentDiffusionModule(pl.LightningModule):
         null condition. The same
         ``seed`` gives the same images on any device. With ``return_trajectory`` also the
         latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
+        ``sampler``, ``steps``, ``eta`` and ``timestep_spacing`` left None take the values of
+        ``model.sampling`` saved with the checkpoint.
         """
         if self.scale_factor is None:
             raise RuntimeError(
@@ -301,6 +304,7 @@ class LatentDiffusionModule(pl.LightningModule):
             device=self.device,
             progress=progress,
             return_trajectory=return_trajectory,
+            timestep_spacing=timestep_spacing or defaults["timestep_spacing"],
         )
         z, trajectory = result if return_trajectory else (result, None)
         images = self.decode(z)

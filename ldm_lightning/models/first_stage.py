@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm_lightning.data.latent_cache import file_sha256
 from ldm_lightning.models.autoencoder import AutoencoderModule
-from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.models.checkpoints import load_stage, stage_sha256
 
 CONFIG_KEY = "model.first_stage.ckpt_path"
 
@@ -40,13 +39,16 @@ def build_first_stage(
     hparams: dict[str, Any] | None = None,
     sha256: str | None = None,
     channels: int = 3,
+    trust_checkpoint: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the frozen first stage and the record of where it came from.
 
     - ``identity``: pixel space.
     - ``hparams`` given: the architecture only; the weights come with the diffusion checkpoint
       that recorded them (so a diffusion checkpoint alone is enough to sample).
-    - else ``ckpt_path``: an autoencoder checkpoint, checked for its kind, loaded, frozen.
+    - else ``ckpt_path``: an autoencoder checkpoint (a ``.ckpt`` or an export folder), checked
+      for its kind, loaded (refusing a pickle that names code unless ``trust_checkpoint``),
+      frozen.
 
     Returns ``(module, record)`` where ``record`` is the ``first_stage`` config to save, with
     the autoencoder's hyperparameters and the checkpoint file's sha256 filled in.
@@ -58,9 +60,11 @@ def build_first_stage(
     elif hparams is not None:
         module = AutoencoderModule(**hparams)
     elif ckpt_path:
-        module = load_stage(AutoencoderModule, ckpt_path, "autoencoder", CONFIG_KEY)
+        module = load_stage(
+            AutoencoderModule, ckpt_path, "autoencoder", CONFIG_KEY, trust_checkpoint
+        )
         record["hparams"] = dict(module.hparams)
-        record["sha256"] = file_sha256(ckpt_path)
+        record["sha256"] = stage_sha256(ckpt_path)
     else:
         raise ValueError(
             f"{CONFIG_KEY} is not set. Train an autoencoder first "

@@ -1,1 +1,1 @@
-"""Small helpers for the entry points: instantiation, config printing, logging."""
+"""Small helpers: instantiation, config printing, logging, atomic writes, safe checkpoint IO."""

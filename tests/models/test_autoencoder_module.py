@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ldm_lightning.data.shapes import ShapesDataModule
 from ldm_lightning.models import AutoencoderModule
@@ -197,7 +198,10 @@ def test_compvis_checkpoint_loads_and_gives_identical_outputs(tmp_path: Path) ->
     compvis_like["loss.logvar"] = torch.zeros(())
     compvis_like["loss.perceptual_loss.net.slice1.0.weight"] = torch.zeros(1)
     path = tmp_path / "compvis.ckpt"
-    torch.save({"state_dict": compvis_like, "global_step": 123}, path)
+    # As in CompVis' releases: old Lightning keyed callback state by the callback class, which
+    # the safe reader maps to a placeholder (no trust_checkpoint needed).
+    callbacks = {ModelCheckpoint: {"best_model_score": torch.tensor(0.1), "monitor": "val/loss"}}
+    torch.save({"state_dict": compvis_like, "global_step": 123, "callbacks": callbacks}, path)
 
     loaded = AutoencoderModule.from_compvis_checkpoint(path, **TINY).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
