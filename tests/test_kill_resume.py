@@ -3,9 +3,10 @@ with ``ckpt_path=<run>/checkpoints/last.ckpt`` (into the same run directory, as 
 does), repeatedly, and the run ends at the global step and epoch of an uninterrupted run, with
 the same optimizer, scheduler and EMA step counts.
 
-The kills are real (``python -m ldm_lightning.train`` in a subprocess that SIGKILLs itself,
-chosen by config overrides naming the helpers below), so they are slow tests; the default suite
-keeps an in-process variant in which an exception stands in for the kill.
+The kills are real: ``python -m ldm_lightning.train`` in a subprocess that SIGKILLs itself,
+chosen by config overrides naming the helpers below (about a minute for the three, so they stay
+in the default suite). An in-process variant, in which an exception stands in for the kill,
+pins the exact step arithmetic.
 """
 
 from __future__ import annotations
@@ -177,7 +178,6 @@ def test_a_crash_mid_epoch_resumes_to_the_uninterrupted_end(tmp_path: Path) -> N
     }
 
 
-@pytest.mark.slow
 def test_sigkills_of_the_autoencoder_lose_nothing(
     autoencoder_reference: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -187,7 +187,6 @@ def test_sigkills_of_the_autoencoder_lose_nothing(
     assert step_counts(final) == step_counts(autoencoder_reference)
 
 
-@pytest.mark.slow
 def test_a_sigkill_while_last_ckpt_is_written_leaves_the_previous_one(
     autoencoder_reference: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -206,7 +205,6 @@ def test_a_sigkill_while_last_ckpt_is_written_leaves_the_previous_one(
     assert step_counts(load_last(run_dir)) == step_counts(autoencoder_reference)
 
 
-@pytest.mark.slow
 def test_sigkills_of_the_latent_diffusion_model_lose_nothing(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
