@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from ldm_lightning.utils.safe_load import UnsafeCheckpointError
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.test_conditioning_train import TINY_CLIP, TINY_DATA, TINY_LDM
 from tests.test_evaluate import eval_config
+
+REPO = Path(__file__).parents[2]
 
 
 class RunsCommand:
@@ -239,3 +243,18 @@ def test_public_load_from_checkpoint_is_safe_and_takes_exports(stages, tmp_path)
     torch.testing.assert_close(from_export.sample(n=2, steps=3, prompts=prompts, seed=3),
                                from_ckpt.sample(n=2, steps=3, prompts=prompts, seed=3),
                                rtol=0, atol=0)
+
+
+def test_export_command_line(stages, tmp_path) -> None:
+    out = tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, "-m", "ldm_lightning.export", f"ckpt_path={stages['ae']}", f"out={out}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE]
+    assert json.loads((out / CONFIG_FILE).read_text())["entries"]["ldm_lightning_kind"] == (
+        "autoencoder"
+    )
