@@ -132,8 +132,9 @@ def first_stage_ceiling(
 ) -> dict[str, float]:
     """The checker's scores on autoencoder reconstructions of real renders of each target."""
     images = prompt_renders(wanted, per, size, seed)
-    reconstructions = torch.cat([autoencoder.decode(autoencoder.encode(chunk)).clamp(-1, 1)
-                                 for chunk in images.split(64)])
+    device = next((p.device for p in autoencoder.parameters()), torch.device("cpu"))
+    reconstructions = torch.cat([autoencoder.decode(autoencoder.encode(chunk.to(device)))
+                                 .clamp(-1, 1).cpu() for chunk in images.split(64)])
     return score(reconstructions, wanted, per)
 
 
@@ -176,7 +177,7 @@ def shape_quality(ldm: LatentDiffusionModule, args: argparse.Namespace) -> dict[
     of ``18 * per_prompt`` samples and the share above 0.8 (a clean, recognisable shape)."""
     images = ldm.sample(n=18 * args.per_prompt, sampler=args.sampler, steps=args.steps,
                         timestep_spacing=args.timestep_spacing,
-                        seed=args.seed)
+                        seed=args.seed).cpu()
     ious = torch.tensor([read_image(image)["iou"] for image in images])
     return {"samples": len(ious), "shape_iou": ious.mean().item(),
             "share_iou_above_0.8": (ious > 0.8).float().mean().item()}
@@ -199,6 +200,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=1000, help="real renders to check")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/conditioning"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to sample (cpu, cuda)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -207,13 +209,14 @@ def main() -> None:
     image_size = 32
     ldm = None
     if args.ckpt is not None:
-        ldm = load_stage(LatentDiffusionModule, args.ckpt, "latent_diffusion")
+        ldm = load_stage(LatentDiffusionModule, args.ckpt, "latent_diffusion").to(args.device)
         image_size = ldm.hparams.image_size
     report["checker_on_real_renders"] = calibrate(image_size, args.calibration)
     print(f"checker on {args.calibration} real {image_size}px renders:",
           report["checker_on_real_renders"])
     if args.autoencoder is not None:
-        autoencoder = load_stage(AutoencoderModule, args.autoencoder, "autoencoder").eval()
+        autoencoder = load_stage(AutoencoderModule, args.autoencoder, "autoencoder")
+        autoencoder.to(args.device)
         wanted, _ = targets("text")
         ceiling = first_stage_ceiling(autoencoder, wanted, args.per_prompt, image_size, args.seed)
         report["first_stage_ceiling"] = ceiling
@@ -244,7 +247,8 @@ def main() -> None:
         start = time.perf_counter()
         images = ldm.sample(n=n, sampler=args.sampler, steps=args.steps, guidance_scale=scale,
                             timestep_spacing=args.timestep_spacing,
-                            guidance_rescale=args.guidance_rescale, seed=args.seed, **condition)
+                            guidance_rescale=args.guidance_rescale, seed=args.seed,
+                            **condition).cpu()
         seconds = time.perf_counter() - start
         result = {**score(images, wanted, args.per_prompt), "seconds": round(seconds, 1)}
         report[f"guidance_{scale:g}"] = result
