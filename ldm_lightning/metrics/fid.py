@@ -40,8 +40,8 @@ from torchmetrics.image import (
 )
 from tqdm import tqdm
 
-from ldm_lightning.data.latent_cache import state_dict_sha256
 from ldm_lightning.utils.atomic import atomic_torch_save
+from ldm_lightning.utils.hashing import state_dict_sha256
 
 log = logging.getLogger(__name__)
 
