@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ldm_lightning.callbacks.image_logger import save_grid
 from ldm_lightning.metrics.fid import (
     GenerativeMetrics,
     build_feature_extractor,
@@ -44,6 +43,8 @@ from ldm_lightning.models.checkpoints import (
 )
 from ldm_lightning.sample import generate
 from ldm_lightning.utils.atomic import atomic_write_text
+from ldm_lightning.utils.device import resolve_device
+from ldm_lightning.utils.images import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,6 @@ def data_config(
     updates = [o.lstrip("+") for o in cli_overrides if o.lstrip("+").startswith("data.")]
     data = OmegaConf.merge(saved.data, OmegaConf.from_dotlist(updates).get("data", {}))
     return data, str(run_config)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def sampling_conditions(
@@ -226,7 +221,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             f"metrics={list(cfg.metrics)} has unknown {sorted(unknown)}; choose from "
             f"{list(OPTIONAL_METRICS)}"
         )
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     module = load_stage(MODULES[kind], cfg.ckpt_path, kind, trust=cfg.trust_checkpoint)
     module.to(device)
     data_cfg, data_source = data_config(cfg, cfg.ckpt_path, cli_overrides)

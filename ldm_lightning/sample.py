@@ -19,27 +19,13 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ldm_lightning.callbacks.image_logger import save_grid
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.utils.cycling import cycle_to
+from ldm_lightning.utils.device import resolve_device
+from ldm_lightning.utils.images import save_grid
 
 log = logging.getLogger(__name__)
-
-
-def cycle_to(values: Sequence[Any] | None, n: int) -> list[Any] | None:
-    """Repeat ``values`` until there are ``n`` of them (None stays None)."""
-    if values is None:
-        return None
-    values = list(values)
-    if not values:
-        raise ValueError("labels/prompts is an empty list; pass at least one, or null")
-    return [values[i % len(values)] for i in range(n)]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def batch_conditions(

@@ -12,7 +12,8 @@ import torchvision
 
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
-from ldm_lightning.sample import batch_conditions, cycle_to, run
+from ldm_lightning.sample import batch_conditions, run
+from ldm_lightning.utils.cycling import cycle_to
 from tests.hydra_utils import compose_config
 from tests.models.test_diffusion_module import autoencoder_ckpt, ldm_run  # noqa: F401 - fixtures
 
