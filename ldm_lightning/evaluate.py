@@ -12,20 +12,18 @@ Real-image features are cached in ``stats_dir``. Prints a table and writes ``met
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from ldm_lightning.losses.perceptual import build_lpips
+from ldm_lightning.metrics.evaluation import format_table, score_reconstructions, score_samples
 from ldm_lightning.metrics.fid import (
     GenerativeMetrics,
     build_feature_extractor,
@@ -33,7 +31,6 @@ from ldm_lightning.metrics.fid import (
     real_features,
     sample_size_warning,
 )
-from ldm_lightning.metrics.reconstruction import ReconstructionMetrics
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import (
     checkpoint_kind,
@@ -41,7 +38,7 @@ from ldm_lightning.models.checkpoints import (
     read_checkpoint,
     run_config_path,
 )
-from ldm_lightning.sample import generate
+from ldm_lightning.sampling import sampling_options
 from ldm_lightning.utils.atomic import atomic_write_text
 from ldm_lightning.utils.device import resolve_device
 from ldm_lightning.utils.images import save_grid
@@ -53,6 +50,10 @@ MODULES: dict[str, type[pl.LightningModule]] = {
     "latent_diffusion": LatentDiffusionModule,
 }
 OPTIONAL_METRICS = ("fid", "kid", "is")
+# Which real images when split=null: train for samples (the published protocol), val for
+# reconstructions.
+DEFAULT_SPLIT = {"autoencoder": "val", "latent_diffusion": "train"}
+GRID_SIZE = 64  # samples in samples.png
 
 
 def data_config(
@@ -85,124 +86,14 @@ def data_config(
     return data, str(run_config)
 
 
-def sampling_conditions(
-    module: pl.LightningModule, datamodule: Any, split: str, batch_size: int
-) -> Iterator[dict[str, Any]]:
-    """Per-batch sampling inputs (labels/prompts) cycled from the real images of ``split``.
-
-    Conditional models are sampled with the conditions of the real data, so FID compares
-    like with like; unconditional models get no inputs.
-    """
-    conditioner = getattr(module, "conditioner", None)
-    if conditioner is None or not conditioner.is_conditional:
-        return itertools.repeat({})
-    loader = DataLoader(datamodule.build_split(split, augment=False), batch_size=batch_size)
-    # Re-iterate the loader rather than itertools.cycle, which would keep every batch (images
-    # included) in memory for the whole run.
-    batches = (batch for _ in itertools.count() for batch in loader)
-    return (conditioner.sampling_inputs(batch, batch_size) for batch in batches)
-
-
-def evaluate_diffusion(
-    module: LatentDiffusionModule,
-    datamodule: Any,
-    extractor: torch.nn.Module,
-    cfg: DictConfig,
-    out_dir: Path,
-) -> dict[str, Any]:
-    """FID (KID, IS) of ``cfg.num_samples`` samples against the real images of the split."""
+def check_image_size(module: LatentDiffusionModule, datamodule: Any) -> None:
+    """FID compares like with like: the data must have the checkpoint's image size."""
     if module.hparams.image_size != datamodule.image_size:
         raise ValueError(
             f"the checkpoint was trained on {module.hparams.image_size} px images, but "
             f"data.image_size={datamodule.image_size}; FID compares like with like, so set "
             f"data.image_size={module.hparams.image_size}."
         )
-    split = cfg.split or "train"
-    metrics = _generative_metrics(datamodule, split, extractor, cfg)
-    conditions = sampling_conditions(module, datamodule, split, cfg.batch_size)
-    samples = generate(
-        module,
-        cfg.num_samples,
-        cfg.batch_size,
-        conditions,
-        seed=cfg.seed,
-        progress=cfg.progress,
-        sampler=cfg.sampler,
-        steps=cfg.steps,
-        eta=cfg.eta,
-        timestep_spacing=cfg.timestep_spacing,
-        guidance_scale=cfg.guidance_scale,
-        guidance_rescale=cfg.guidance_rescale,
-    )
-    first: list[torch.Tensor] = []
-    for images in samples:
-        metrics.update(images)
-        if sum(map(len, first)) < 64:
-            first.append(images.cpu())
-    if cfg.save_grid:
-        save_grid(torch.cat(first)[:64], out_dir / "samples.png")
-    return {"split": split, **metrics.compute()}
-
-
-def evaluate_autoencoder(
-    module: AutoencoderModule, datamodule: Any, extractor: torch.nn.Module, cfg: DictConfig
-) -> dict[str, Any]:
-    """rFID, PSNR, SSIM, LPIPS and codebook usage of the reconstructions of the split."""
-    split = cfg.split or "val"
-    metrics = _generative_metrics(datamodule, split, extractor, cfg)
-    lpips = None
-    if cfg.lpips is not None:
-        from ldm_lightning.losses.perceptual import build_lpips
-
-        lpips = build_lpips(**cfg.lpips).to(module.device)
-    n_embed = module.quantize.n_embed if module.regularizer == "vq" else None
-    reconstruction = ReconstructionMetrics(lpips=lpips, n_embed=n_embed)
-    dataset = datamodule.build_split(split, augment=False)
-    if cfg.num_real is not None:
-        dataset = torch.utils.data.Subset(dataset, range(cfg.num_real))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="reconstructing", disable=not cfg.progress):
-            x = batch["image"].to(module.device)
-            x_hat, _, info = module(x, sample_posterior=False)
-            x_hat = x_hat.clamp(-1, 1)
-            reconstruction.update(x, x_hat, info.get("indices"))
-            metrics.update(x_hat)
-    results = metrics.compute()
-    results = {"rfid": results.pop("fid"), **results}
-    return {"split": split, **results, **reconstruction.compute()}
-
-
-def _generative_metrics(
-    datamodule: Any, split: str, extractor: torch.nn.Module, cfg: DictConfig
-) -> GenerativeMetrics:
-    real = real_features(
-        datamodule, split, extractor, cfg.stats_dir, cfg.num_real, cfg.batch_size, cfg.progress
-    )
-    return GenerativeMetrics(
-        extractor,
-        real,
-        kid="kid" in cfg.metrics,
-        inception_score="is" in cfg.metrics,
-        kid_subset_size=cfg.kid_subset_size,
-        is_splits=cfg.is_splits,
-    )
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """Metric names and values as an aligned two-column text table."""
-    width = max(map(len, metrics))
-    rows = [
-        f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}"
-        for name, value in metrics.items()
-    ]
-    rule = "-" * max(map(len, rows))
-    return "\n".join([rule, *rows, rule])
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON over ``path`` atomically: a kill leaves the old file."""
-    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -226,14 +117,53 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
     module.to(device)
     data_cfg, data_source = data_config(cfg, cfg.ckpt_path, cli_overrides)
     datamodule = hydra.utils.instantiate(data_cfg)
+    if kind == "latent_diffusion":
+        check_image_size(module, datamodule)
     extractor = build_feature_extractor(cfg.feature_extractor).to(device)
+    split = cfg.split or DEFAULT_SPLIT[kind]
+    real = real_features(
+        datamodule, split, extractor, cfg.stats_dir, cfg.num_real, cfg.batch_size, cfg.progress
+    )
+    metrics = GenerativeMetrics(
+        extractor,
+        real,
+        kid="kid" in cfg.metrics,
+        inception_score="is" in cfg.metrics,
+        kid_subset_size=cfg.kid_subset_size,
+        is_splits=cfg.is_splits,
+    )
     out_dir = Path(cfg.paths.output_dir)
     if kind == "latent_diffusion":
-        results = evaluate_diffusion(module, datamodule, extractor, cfg, out_dir)
+        results, first = score_samples(
+            module,
+            datamodule,
+            metrics,
+            split,
+            cfg.num_samples,
+            cfg.batch_size,
+            seed=cfg.seed,
+            progress=cfg.progress,
+            keep=GRID_SIZE if cfg.save_grid else 0,
+            **sampling_options(cfg),
+        )
+        if first is not None:
+            save_grid(first, out_dir / "samples.png")
         num_samples = results["num_generated"]
     else:
-        results = evaluate_autoencoder(module, datamodule, extractor, cfg)
+        lpips = build_lpips(**cfg.lpips).to(device) if cfg.lpips is not None else None
+        results = score_reconstructions(
+            module,
+            datamodule,
+            metrics,
+            split,
+            cfg.batch_size,
+            limit=cfg.num_real,
+            pixel_metrics=True,
+            lpips=lpips,
+            progress=cfg.progress,
+        )
         num_samples = results["num_images"]
+    results = {"split": split, **results}
     warning = sample_size_warning(num_samples)
     report = {
         "ckpt_path": str(cfg.ckpt_path),
@@ -256,7 +186,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             "guidance_rescale": cfg.guidance_rescale,
             "seed": cfg.seed,
         }
-    write_json_atomic(out_dir / "metrics.json", report)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
     print(
         f"{kind} checkpoint {cfg.ckpt_path}: {num_samples} samples, {datamodule.name} "
         f"{results['split']} split, features: {report['feature_extractor']}"

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from ldm_lightning.evaluate import data_config, evaluate, format_table
+from ldm_lightning.evaluate import data_config, evaluate
+from ldm_lightning.metrics.evaluation import format_table
 from ldm_lightning.metrics.fid import extract, frechet_distance, gaussian_statistics
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
