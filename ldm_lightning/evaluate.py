@@ -20,7 +20,10 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.metrics.evaluation import format_table, score_reconstructions, score_samples
@@ -64,11 +67,12 @@ def data_config(
     The checkpoint's run directory (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``, or
     an export folder's ``run_config.yaml``) holds the data the model was trained on; ``data.*``
     overrides apply on top of it. A ``data=<name>`` override, or a checkpoint without a run
-    config, uses ``cfg.data``.
+    config, uses ``cfg.data``. ``cli_overrides`` are the command line's (Hydra's
+    ``overrides.task``), read with Hydra's own override parser.
     """
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in cli_overrides]
+    overrides = OverridesParser.create().parse_overrides(list(cli_overrides))
     run_config = run_config_path(ckpt_path)
-    if "data" in keys:
+    if any(override.key_or_group == "data" for override in overrides):
         return cfg.data, "the data= override"
     if not run_config.is_file():
         log.warning(
@@ -81,9 +85,23 @@ def data_config(
     saved = OmegaConf.load(run_config)
     if "data" not in saved:
         raise ValueError(f"{run_config} has no data section; pass data=<name> to choose the data")
-    updates = [o.lstrip("+") for o in cli_overrides if o.lstrip("+").startswith("data.")]
-    data = OmegaConf.merge(saved.data, OmegaConf.from_dotlist(updates).get("data", {}))
-    return data, str(run_config)
+    for override in overrides:
+        if override.key_or_group.startswith("data."):
+            _apply(saved, override)
+    return saved.data, str(run_config)
+
+
+def _apply(config: DictConfig, override: Override) -> None:
+    """Set (``key=``, ``+key=``, ``++key=``: dicts merge) or delete (``~key``) one key."""
+    key = override.key_or_group
+    if not override.is_delete():
+        OmegaConf.update(config, key, override.value(), merge=True, force_add=True)
+        return
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(config, parent_key)
+    if isinstance(parent, DictConfig) and leaf in parent:
+        with open_dict(parent):
+            del parent[leaf]
 
 
 def check_image_size(module: LatentDiffusionModule, datamodule: Any) -> None:
@@ -200,8 +218,6 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     evaluate(cfg, HydraConfig.get().overrides.task)
 
 

@@ -146,6 +146,14 @@ def test_data_config_follows_the_run_unless_overridden(checkpoints, tmp_path) ->
     assert data.image_size == 32 and source == "the data= override"
 
 
+def test_data_overrides_follow_hydras_grammar(checkpoints, tmp_path) -> None:
+    cfg = eval_config(tmp_path, checkpoints["ldm"])
+    overrides = ["++data.num_val=5", "~data.num_test", "data.seed='7'", "ckpt_path=x.ckpt"]
+    data, _ = data_config(cfg, checkpoints["ldm"], overrides)
+    assert data.num_val == 5 and "num_test" not in data and data.seed == "7"
+    assert data.num_train == 16  # the run's value, untouched
+
+
 def test_resolution_must_match_the_checkpoint(checkpoints, tmp_path) -> None:
     cfg = eval_config(tmp_path, checkpoints["ldm"], "num_samples=4")
     with pytest.raises(ValueError, match="trained on 16 px images, but data.image_size=32"):
