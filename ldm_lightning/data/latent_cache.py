@@ -28,7 +28,6 @@ With several ranks only rank 0 encodes and writes; the others load after a barri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.utils.atomic import atomic_torch_save
-from ldm_lightning.utils.hashing import update_with_tensor
+from ldm_lightning.utils.hashing import tensors_sha256, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class CacheKey:
 
     def digest(self) -> str:
         """Hex sha256 of :meth:`canonical_json`."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        return text_sha256(self.canonical_json())
 
     def filename(self) -> str:
         """``<dataset>-<split>-<digest[:16]>.pt``."""
@@ -113,12 +112,7 @@ def cache_path(cache_dir: str | os.PathLike, key: CacheKey) -> Path:
 
 def _checksum(latents: Tensor, latents_flipped: Tensor | None, labels: Tensor,
               captions: list[str]) -> str:
-    digest = hashlib.sha256()
-    for t in (latents, latents_flipped, labels):
-        if t is not None:
-            update_with_tensor(digest, t)
-    digest.update(json.dumps(captions).encode())
-    return digest.hexdigest()
+    return tensors_sha256((latents, latents_flipped, labels), json.dumps(captions))
 
 
 def _channel_stats(latents: Tensor, latents_flipped: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["file_sha256", "state_dict_sha256", "update_with_tensor"]
+__all__ = ["file_sha256", "state_dict_sha256", "tensors_sha256", "text_sha256"]
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
@@ -26,7 +26,12 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def update_with_tensor(digest: hashlib._Hash, tensor: Tensor, name: str | None = None) -> None:
+def text_sha256(text: str) -> str:
+    """Hex sha256 of ``text`` (UTF-8): the name of a canonical JSON key."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _update(digest: hashlib._Hash, tensor: Tensor, name: str | None = None) -> None:
     """Feed ``[name|]dtype|shape|`` and the raw bytes of ``tensor`` (any dtype) to ``digest``."""
     prefix = "" if name is None else f"{name}|"
     digest.update(f"{prefix}{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -46,5 +51,15 @@ def state_dict_sha256(module: nn.Module | Mapping[str, Tensor]) -> str:
         value = state[name]
         if not isinstance(value, Tensor):
             raise TypeError(f"state_dict entry {name!r} is {type(value).__name__}, not a Tensor")
-        update_with_tensor(digest, value, name)
+        _update(digest, value, name)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: Iterable[Tensor | None], text: str = "") -> str:
+    """Hex sha256 of each tensor's dtype, shape and bytes in order (None skipped), then ``text``."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is not None:
+            _update(digest, tensor)
+    digest.update(text.encode())
     return digest.hexdigest()
