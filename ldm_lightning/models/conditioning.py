@@ -36,6 +36,7 @@ from ldm_lightning.models.conditioner import (
     ConditionerModule,
     check_labels,
 )
+from ldm_lightning.utils.cycling import cycle_to
 
 KINDS = ("none", "class", "text")
 CLASS_ROUTES = ("time", "context", "both")
@@ -335,9 +336,7 @@ class Conditioning(nn.Module):
     def sampling_inputs(self, batch: dict[str, Any], n: int) -> dict[str, Any]:
         """Labels/prompts to draw validation samples with (the batch's, cycled to ``n``)."""
         if self.kind == "class":
-            labels = torch.as_tensor(batch["label"]).tolist()
-            return {"labels": [labels[i % len(labels)] for i in range(n)]}
+            return {"labels": cycle_to(torch.as_tensor(batch["label"]).tolist(), n)}
         if self.kind == "text":
-            captions = list(batch["caption"])
-            return {"prompts": [captions[i % len(captions)] for i in range(n)]}
+            return {"prompts": cycle_to(batch["caption"], n)}
         return {}

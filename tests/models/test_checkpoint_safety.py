@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_lightning.data.latent_cache import file_sha256
 from ldm_lightning.evaluate import evaluate
 from ldm_lightning.models import AutoencoderModule, ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import export_stage, load_stage, read_checkpoint
@@ -27,6 +26,7 @@ from ldm_lightning.models.exported import CONFIG_FILE, RUN_CONFIG_FILE, WEIGHTS_
 from ldm_lightning.models.first_stage import build_first_stage
 from ldm_lightning.sample import run as sample_run
 from ldm_lightning.train import train
+from ldm_lightning.utils.hashing import file_sha256
 from ldm_lightning.utils.safe_load import UnsafeCheckpointError
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.test_conditioning_train import TINY_CLIP, TINY_DATA, TINY_LDM
