@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.losses.autoencoder import AutoencoderLoss
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.models.checkpoints import SafeLoading, read_checkpoint, stamp
@@ -35,24 +35,6 @@ from ldm_lightning.nn.quantizer import VectorQuantizer
 
 log = logging.getLogger(__name__)
 REGULARIZERS = ("vq", "kl")
-
-
-def inverse_std(latents: Iterable[torch.Tensor]) -> float:
-    """``1 / std(z)`` over every element of ``latents`` (LDM sec. 4.3.2 and appendix G).
-
-    Rescales latents to unit variance so the diffusion schedule's signal-to-noise ratios
-    mean what they do in pixel space. Accumulated in float64, one tensor at a time.
-    """
-    total, total_sq, count = 0.0, 0.0, 0
-    for z in latents:
-        z = z.double()
-        total += z.sum().item()
-        total_sq += (z * z).sum().item()
-        count += z.numel()
-    if count == 0:
-        raise ValueError("cannot estimate the latent scale factor: no batches (empty dataset?)")
-    variance = total_sq / count - (total / count) ** 2
-    return 1.0 / math.sqrt(max(variance, 1e-12))
 
 
 class LazyPerceptual:
@@ -218,11 +200,12 @@ class AutoencoderModule(SafeLoading, pl.LightningModule):
     def estimate_scale_factor(
         self, batches: Iterable[dict[str, torch.Tensor]], max_batches: int = 16
     ) -> float:
-        """``1 / std(z)`` of this autoencoder's latents over up to ``max_batches`` batches."""
+        """``1 / std(z)`` of this autoencoder's latents over up to ``max_batches`` batches
+        (:class:`~ldm_lightning.diffusion.latent_norm.LatentNormalizer`)."""
         images = (
             batch["image"].to(self.device) for batch in itertools.islice(batches, max_batches)
         )
-        return inverse_std(self.encode(x) for x in images)
+        return LatentNormalizer().fit(self.encode(x) for x in images).scale
 
     # ------------------------------------------------------------------ training
     def configure_model(self) -> None:
