@@ -28,7 +28,7 @@ from ldm_lightning.diffusion import (
 from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.conditioning import Conditioning
-from ldm_lightning.models.first_stage import build_first_stage
+from ldm_lightning.models.first_stage import FirstStageHolder
 from ldm_lightning.models.optim import adamw_with_warmup
 from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
 from ldm_lightning.nn.unet import UNetModel
@@ -36,7 +36,7 @@ from ldm_lightning.nn.unet import UNetModel
 log = logging.getLogger(__name__)
 
 
-class LatentDiffusionModule(SafeLoading, pl.LightningModule):
+class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
@@ -90,10 +90,8 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
             raise ValueError(
                 f"model.loss_weighting={loss_weighting!r} is unknown; valid: {WEIGHTINGS}"
             )
-        self.first_stage, record = build_first_stage(**first_stage)
-        first_stage = {**first_stage, **record}
         self.save_hyperparameters()
-        self.hparams.first_stage = first_stage
+        self.attach_first_stage(first_stage)
 
         channels = self.first_stage.latent_channels
         unet = dict(unet)
@@ -133,15 +131,6 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
         self.noise_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
-    @torch.no_grad()
-    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
-        """Unscaled first-stage latents ``[B, C, h, w]`` (what the latent cache stores)."""
-        return self.first_stage.encode(images)
-
-    def first_stage_hash(self) -> str:
-        """Identity of the first stage's weights; the latent cache keys on it."""
-        return self.hparams.first_stage["sha256"]
-
     @property
     def scale_factor(self) -> float | None:
         """The latent scale ``1 / std(z)``; None until estimated or loaded."""
@@ -335,4 +324,5 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
         checkpoint.update(self.latent_norm.state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.latent_norm.load_state(checkpoint)
