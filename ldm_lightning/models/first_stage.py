@@ -99,9 +99,10 @@ def without_autoencoder_training_keys(state: dict[str, Any]) -> dict[str, Any]:
 class FirstStageHolder:
     """Mixin of the stages trained on a frozen first stage (conditioner, latent diffusion).
 
-    Gives them the first stage (:meth:`attach_first_stage`), the datamodule's side of the
-    latent cache (:meth:`encode_for_cache`, :meth:`first_stage_hash`) and the loading of
-    checkpoints that still hold a whole autoencoder (:func:`without_autoencoder_training_keys`).
+    Gives them the first stage (:meth:`attach_first_stage`; in eval mode whatever the stage's
+    mode), the datamodule's side of the latent cache (:meth:`encode_for_cache`,
+    :meth:`first_stage_hash`) and the loading of checkpoints that still hold a whole
+    autoencoder (:func:`without_autoencoder_training_keys`).
     """
 
     first_stage: nn.Module
@@ -122,6 +123,12 @@ class FirstStageHolder:
     def first_stage_hash(self) -> str:
         """Identity of the first stage's weights; the latent cache keys on it."""
         return self.hparams.first_stage["sha256"]
+
+    def train(self, mode: bool = True) -> Any:
+        """Train mode for the stage; the frozen first stage stays in eval mode."""
+        super().train(mode)  # type: ignore[misc]
+        self.first_stage.eval()
+        return self
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for entry in STATE_ENTRIES:

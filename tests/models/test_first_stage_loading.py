@@ -91,6 +91,7 @@ def test_the_first_stage_is_the_autoencoders_network_frozen(stages) -> None:
     ldm = load_stage(LatentDiffusionModule, stages["ldm"], "latent_diffusion")
     assert type(ldm.first_stage) is FirstStage
     assert not isinstance(ldm.first_stage, pl.LightningModule)
+    assert ldm.train().unet.training and not ldm.first_stage.training
 
 
 def test_checkpoints_of_the_previous_layout_load(stages, tmp_path) -> None:
