@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.utils.atomic import atomic_torch_save
 from ldm_lightning.utils.hashing import tensors_sha256, text_sha256
 
@@ -117,9 +118,8 @@ def _checksum(latents: Tensor, latents_flipped: Tensor | None, labels: Tensor,
 
 def _channel_stats(latents: Tensor, latents_flipped: Tensor | None) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (population) std over all cached latents, [C] each, float32."""
-    parts = [latents] if latents_flipped is None else [latents, latents_flipped]
-    z = torch.cat(parts).to(torch.float64).transpose(0, 1).reshape(latents.shape[1], -1)
-    return z.mean(dim=1).float(), z.std(dim=1, correction=0).float()
+    stats = LatentStats.of(z for z in (latents, latents_flipped) if z is not None)
+    return stats.mean().float(), stats.std().float()
 
 
 @dataclass
@@ -149,17 +149,16 @@ class LatentCache:
         return self.latents.shape[0]
 
     @property
-    def scale_factor(self) -> float:
-        """``1 / std`` over all latent entries, so ``scale_factor * z`` has unit variance.
+    def stats(self) -> LatentStats:
+        """Statistics of all stored latents (both flips), from the per-channel mean and std."""
+        per_channel = self.latents[:, 0].numel() * (1 if self.latents_flipped is None else 2)
+        return LatentStats.from_moments(self.mean, self.std, per_channel)
 
-        This is the rescaling LDM applies to KL-regularised latents before diffusion
-        (Rombach et al. 2022, appendix G), here estimated from the whole cache rather than
-        from the first batch. From per-channel stats with equal counts per channel:
-        ``Var = mean_c(std_c^2 + mean_c^2) - mean_c(mean_c)^2``.
-        """
-        mean, std = self.mean.double(), self.std.double()
-        var = (std.square() + mean.square()).mean() - mean.mean().square()
-        return float(var.clamp_min(1e-24).rsqrt())
+    @property
+    def scale_factor(self) -> float:
+        """``1 / std`` over all latent entries, so ``scale_factor * z`` has unit variance: the
+        rescaling LDM applies before diffusion (appendix G), over the whole cache."""
+        return self.stats.inverse_std()
 
     def save(self) -> None:
         """Write to :attr:`path` atomically (:func:`~ldm_lightning.utils.atomic.atomic_write`).

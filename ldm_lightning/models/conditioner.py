@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ldm_lightning.data.tokenizer import EOS_ID, PAD_ID, CaptionTokenizer, dataset_captions
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
-from ldm_lightning.models.first_stage import build_first_stage
+from ldm_lightning.models.first_stage import FirstStageHolder
 from ldm_lightning.models.optim import adamw_with_warmup
 from ldm_lightning.nn.image_encoder import LatentImageEncoder
 from ldm_lightning.nn.text_encoder import TextEncoder
@@ -191,7 +191,7 @@ def retrieval_recall(
     return result
 
 
-class ConditionerModule(SafeLoading, pl.LightningModule):
+class ConditionerModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     """A class or caption encoder, pretrained CLIP-style. See the module docstring.
 
     Args:
@@ -200,7 +200,8 @@ class ConditionerModule(SafeLoading, pl.LightningModule):
         text: :class:`CaptionEncoder` arguments other than ``width`` (vocab_size,
             context_length, layers, heads, mlp_ratio, dropout).
         num_classes, num_tokens: :class:`ClassEncoder` arguments.
-        first_stage: ``{"ckpt_path": ...}`` of the frozen autoencoder (``build_first_stage``).
+        first_stage: ``{"ckpt_path": ...}`` of the frozen autoencoder
+            (:func:`~ldm_lightning.models.first_stage.build_first_stage`).
         image_encoder: :class:`LatentImageEncoder` arguments other than the channels in and out.
         embed_dim: width of the joint image/caption embedding space.
         init_temperature: initial softmax temperature (CLIP: 0.07).
@@ -230,9 +231,8 @@ class ConditionerModule(SafeLoading, pl.LightningModule):
             raise ValueError(f"model.encoder={encoder!r} is unknown; valid: {ENCODERS}")
         if encoder == "class" and not num_classes:
             raise ValueError("model.encoder=class needs model.num_classes (e.g. 18 for shapes)")
-        self.first_stage, record = build_first_stage(**(first_stage or {}))
         self.save_hyperparameters()
-        self.hparams.first_stage = {**(first_stage or {}), **record}
+        self.attach_first_stage(first_stage)
         self.encoder: ClassEncoder | CaptionEncoder = (
             CaptionEncoder(width=width, **(text or {}))
             if encoder == "text"
@@ -246,15 +246,6 @@ class ConditionerModule(SafeLoading, pl.LightningModule):
         self._outputs: list[tuple[Tensor, Tensor, list[Any]]] = []
 
     # ------------------------------------------------------------------ data
-    @torch.no_grad()
-    def encode_for_cache(self, images: Tensor) -> Tensor:
-        """Unscaled first-stage latents ``[B, C, h, w]`` (what the latent cache stores)."""
-        return self.first_stage.encode(images)
-
-    def first_stage_hash(self) -> str:
-        """Identity of the first stage's weights; the latent cache keys on it."""
-        return self.hparams.first_stage["sha256"]
-
     def setup(self, stage: str) -> None:
         if stage != "fit" or not isinstance(self.encoder, CaptionEncoder):
             return
