@@ -43,7 +43,9 @@ from torch.utils.data import DataLoader
 
 from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.evaluate import evaluate
-from ldm_lightning.models.conditioner import CaptionEncoder, ConditionerModule, contrastive_loss
+from ldm_lightning.losses.contrastive import contrastive_loss
+from ldm_lightning.models import ConditionerModule
+from ldm_lightning.nn.condition_encoders import CaptionEncoder
 from ldm_lightning.sample import run as sample_run
 from tests.checkpoint_utils import foreign_copy, perturbed_copy, write_checkpoint
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config

@@ -30,12 +30,8 @@ from torch import Tensor, nn
 
 from ldm_lightning.data.tokenizer import dataset_captions
 from ldm_lightning.models.checkpoints import load_stage, stage_sha256
-from ldm_lightning.models.conditioner import (
-    CaptionEncoder,
-    ClassEncoder,
-    ConditionerModule,
-    check_labels,
-)
+from ldm_lightning.models.conditioner import ConditionerModule
+from ldm_lightning.nn.condition_encoders import CaptionEncoder, ClassEncoder, check_labels
 from ldm_lightning.utils.cycling import cycle_to
 
 KINDS = ("none", "class", "text")
