@@ -39,6 +39,16 @@ def test_context_and_pooled_shapes_and_pooled_is_the_eos_state(clip_folder: Path
     assert (ids[:, 0] == encoder.tokenizer.convert_tokens_to_ids(BOS)).all()
 
 
+def test_its_record_rebuilds_it_and_says_where_it_came_from(clip_folder: Path) -> None:
+    encoder = PretrainedTextEncoder(str(clip_folder))
+    rebuilt = PretrainedTextEncoder.from_record(encoder.record())
+    rebuilt.load_state_dict(encoder.state_dict())
+    assert rebuilt.record() == encoder.record()
+    assert encoder.record()["name_or_path"] == str(clip_folder)
+    captions = ["a red circle on a gray background"]
+    torch.testing.assert_close(rebuilt.eval()(captions)[0], encoder.eval()(captions)[0])
+
+
 def test_over_long_prompts_are_truncated_with_a_warning(clip_folder: Path) -> None:
     encoder = PretrainedTextEncoder(str(clip_folder))
     long = " ".join(["a red circle on a gray background"] * 4)
