@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from ldm_lightning.data.shapes import NUM_CLASSES, ShapesDataModule
-from ldm_lightning.models.conditioning import Conditioning
+from ldm_lightning.models.conditioning import ClassConditioning, NoConditioning
 from ldm_lightning.sampling import batch_conditions, conditions_from_data
 from ldm_lightning.utils.cycling import cycle_to
 
@@ -23,10 +23,10 @@ def test_conditions_are_cycled_then_cut_per_batch() -> None:
 def test_conditions_from_data_cycle_the_real_labels_batch_by_batch() -> None:
     datamodule = ShapesDataModule(image_size=8, num_train=5, num_val=2, num_test=2)
     labels = [item["label"] for item in datamodule.build_split("train", augment=False)]
-    module = SimpleNamespace(conditioner=Conditioning(kind="class", num_classes=NUM_CLASSES))
+    module = SimpleNamespace(conditioner=ClassConditioning(num_classes=NUM_CLASSES))
     conditions = conditions_from_data(module, datamodule, "train", batch_size=2)
     batches = [next(conditions)["labels"] for _ in range(4)]
     # The last real batch has one image, cycled to the batch size; then the data starts again.
     assert batches == [labels[:2], labels[2:4], [labels[4]] * 2, labels[:2]]
-    unconditional = SimpleNamespace(conditioner=Conditioning(kind="none"))
+    unconditional = SimpleNamespace(conditioner=NoConditioning())
     assert next(conditions_from_data(unconditional, datamodule, "train", 2)) == {}

@@ -222,7 +222,8 @@ def main() -> None:
         (args.out / "accuracy.json").write_text(json.dumps(report, indent=2))
         return
 
-    kind = ldm.conditioner.kind
+    # What the samples are conditioned on: "class" (labels) or "text" (prompts, any text encoder).
+    kind = ldm.conditioner.condition if ldm.conditioner.is_conditional else "none"
     if kind == "none":
         report["unconditional"] = shape_quality(ldm, args)
         print("unconditional samples:", report["unconditional"])

@@ -27,7 +27,7 @@ from ldm_lightning.diffusion import (
 )
 from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
-from ldm_lightning.models.conditioning import Conditioning
+from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.first_stage import FirstStageHolder
 from ldm_lightning.models.optim import adamw_with_warmup
 from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
@@ -55,8 +55,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             ``weight_decay``, ``warmup_steps`` (linear warm-up).
         sampling: defaults for validation samples and :meth:`sample` (``sampler``, ``steps``,
             ``eta``, ``timestep_spacing``).
-        conditioning: :class:`~ldm_lightning.models.conditioning.Conditioning` arguments
-            (``kind`` and its options); None: unconditional.
+        conditioning: the config of a :class:`~ldm_lightning.models.conditioning.Conditioning`:
+            ``_target_`` (its class) and its arguments, as in ``conf/model/conditioning/``, or a
+            checkpoint's ``{kind: ..., ...}`` of earlier versions; None: unconditional.
         compile: ``torch.compile`` the UNet in place when a Trainer sets the module up (true,
             or a dict of ``torch.compile`` options); parameter names are unchanged.
         channels_last: UNet weights and its inputs in NHWC layout (faster convolutions on GPUs).
@@ -98,10 +99,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         for key in ("in_channels", "out_channels"):  # missing or null: follow the first stage
             if unet.get(key) is None:
                 unet[key] = channels
-        self.conditioner = Conditioning(**(conditioning or {}))
-        # Like the first stage: record a loaded text encoder's hyperparameters, so the
-        # checkpoint alone rebuilds it.
-        self.hparams.conditioning = {**(conditioning or {}), **self.conditioner.record()}
+        # Like the first stage: record the class and a loaded text encoder's hyperparameters,
+        # so the checkpoint alone rebuilds it.
+        self.conditioner, self.hparams.conditioning = build_conditioning(conditioning)
         unet.update(self.conditioner.unet_kwargs())
         if unet["in_channels"] != channels or unet["out_channels"] != channels:
             raise ValueError(

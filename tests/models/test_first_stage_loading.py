@@ -19,7 +19,7 @@ import torch
 
 from ldm_lightning.models import AutoencoderModule, ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
-from ldm_lightning.models.conditioning import Conditioning
+from ldm_lightning.models.conditioning import TextConditioning
 from ldm_lightning.models.first_stage import build_first_stage
 from ldm_lightning.nn.first_stage import FirstStage, is_first_stage_key
 from ldm_lightning.train import train
@@ -108,7 +108,7 @@ def test_checkpoints_of_the_previous_layout_load(stages, tmp_path) -> None:
     for name, value in clips[1].state_dict().items():
         if torch.is_tensor(value):
             torch.testing.assert_close(value, new_state[name], rtol=0, atol=0)
-    assert Conditioning(kind="text", text_ckpt_path=str(old_clip)).text.tokenizer is not None
+    assert TextConditioning(text_ckpt_path=str(old_clip)).text.tokenizer is not None
 
 
 def test_training_resumes_from_a_checkpoint_of_the_previous_layout(stages, tmp_path) -> None:
