@@ -12,21 +12,21 @@ Real-image features are cached in ``stats_dir``. Prints a table and writes ``met
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm_lightning.callbacks.image_logger import save_grid
+from ldm_lightning.losses.perceptual import build_lpips
+from ldm_lightning.metrics.evaluation import format_table, score_reconstructions, score_samples
 from ldm_lightning.metrics.fid import (
     GenerativeMetrics,
     build_feature_extractor,
@@ -34,7 +34,6 @@ from ldm_lightning.metrics.fid import (
     real_features,
     sample_size_warning,
 )
-from ldm_lightning.metrics.reconstruction import ReconstructionMetrics
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import (
     checkpoint_kind,
@@ -42,8 +41,10 @@ from ldm_lightning.models.checkpoints import (
     read_checkpoint,
     run_config_path,
 )
-from ldm_lightning.sample import generate
+from ldm_lightning.sampling import sampling_options
 from ldm_lightning.utils.atomic import atomic_write_text
+from ldm_lightning.utils.device import resolve_device
+from ldm_lightning.utils.images import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ MODULES: dict[str, type[pl.LightningModule]] = {
     "latent_diffusion": LatentDiffusionModule,
 }
 OPTIONAL_METRICS = ("fid", "kid", "is")
+# Which real images when split=null: train for samples (the published protocol), val for
+# reconstructions.
+DEFAULT_SPLIT = {"autoencoder": "val", "latent_diffusion": "train"}
+GRID_SIZE = 64  # samples in samples.png
 
 
 def data_config(
@@ -62,11 +67,12 @@ def data_config(
     The checkpoint's run directory (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``, or
     an export folder's ``run_config.yaml``) holds the data the model was trained on; ``data.*``
     overrides apply on top of it. A ``data=<name>`` override, or a checkpoint without a run
-    config, uses ``cfg.data``.
+    config, uses ``cfg.data``. ``cli_overrides`` are the command line's (Hydra's
+    ``overrides.task``), read with Hydra's own override parser.
     """
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in cli_overrides]
+    overrides = OverridesParser.create().parse_overrides(list(cli_overrides))
     run_config = run_config_path(ckpt_path)
-    if "data" in keys:
+    if any(override.key_or_group == "data" for override in overrides):
         return cfg.data, "the data= override"
     if not run_config.is_file():
         log.warning(
@@ -79,135 +85,33 @@ def data_config(
     saved = OmegaConf.load(run_config)
     if "data" not in saved:
         raise ValueError(f"{run_config} has no data section; pass data=<name> to choose the data")
-    updates = [o.lstrip("+") for o in cli_overrides if o.lstrip("+").startswith("data.")]
-    data = OmegaConf.merge(saved.data, OmegaConf.from_dotlist(updates).get("data", {}))
-    return data, str(run_config)
+    for override in overrides:
+        if override.key_or_group.startswith("data."):
+            _apply(saved, override)
+    return saved.data, str(run_config)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _apply(config: DictConfig, override: Override) -> None:
+    """Set (``key=``, ``+key=``, ``++key=``: dicts merge) or delete (``~key``) one key."""
+    key = override.key_or_group
+    if not override.is_delete():
+        OmegaConf.update(config, key, override.value(), merge=True, force_add=True)
+        return
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(config, parent_key)
+    if isinstance(parent, DictConfig) and leaf in parent:
+        with open_dict(parent):
+            del parent[leaf]
 
 
-def sampling_conditions(
-    module: pl.LightningModule, datamodule: Any, split: str, batch_size: int
-) -> Iterator[dict[str, Any]]:
-    """Per-batch sampling inputs (labels/prompts) cycled from the real images of ``split``.
-
-    Conditional models are sampled with the conditions of the real data, so FID compares
-    like with like; unconditional models get no inputs.
-    """
-    conditioner = getattr(module, "conditioner", None)
-    if conditioner is None or not conditioner.is_conditional:
-        return itertools.repeat({})
-    loader = DataLoader(datamodule.build_split(split, augment=False), batch_size=batch_size)
-    # Re-iterate the loader rather than itertools.cycle, which would keep every batch (images
-    # included) in memory for the whole run.
-    batches = (batch for _ in itertools.count() for batch in loader)
-    return (conditioner.sampling_inputs(batch, batch_size) for batch in batches)
-
-
-def evaluate_diffusion(
-    module: LatentDiffusionModule,
-    datamodule: Any,
-    extractor: torch.nn.Module,
-    cfg: DictConfig,
-    out_dir: Path,
-) -> dict[str, Any]:
-    """FID (KID, IS) of ``cfg.num_samples`` samples against the real images of the split."""
+def check_image_size(module: LatentDiffusionModule, datamodule: Any) -> None:
+    """FID compares like with like: the data must have the checkpoint's image size."""
     if module.hparams.image_size != datamodule.image_size:
         raise ValueError(
             f"the checkpoint was trained on {module.hparams.image_size} px images, but "
             f"data.image_size={datamodule.image_size}; FID compares like with like, so set "
             f"data.image_size={module.hparams.image_size}."
         )
-    split = cfg.split or "train"
-    metrics = _generative_metrics(datamodule, split, extractor, cfg)
-    conditions = sampling_conditions(module, datamodule, split, cfg.batch_size)
-    samples = generate(
-        module,
-        cfg.num_samples,
-        cfg.batch_size,
-        conditions,
-        seed=cfg.seed,
-        progress=cfg.progress,
-        sampler=cfg.sampler,
-        steps=cfg.steps,
-        eta=cfg.eta,
-        timestep_spacing=cfg.timestep_spacing,
-        guidance_scale=cfg.guidance_scale,
-        guidance_rescale=cfg.guidance_rescale,
-    )
-    first: list[torch.Tensor] = []
-    for images in samples:
-        metrics.update(images)
-        if sum(map(len, first)) < 64:
-            first.append(images.cpu())
-    if cfg.save_grid:
-        save_grid(torch.cat(first)[:64], out_dir / "samples.png")
-    return {"split": split, **metrics.compute()}
-
-
-def evaluate_autoencoder(
-    module: AutoencoderModule, datamodule: Any, extractor: torch.nn.Module, cfg: DictConfig
-) -> dict[str, Any]:
-    """rFID, PSNR, SSIM, LPIPS and codebook usage of the reconstructions of the split."""
-    split = cfg.split or "val"
-    metrics = _generative_metrics(datamodule, split, extractor, cfg)
-    lpips = None
-    if cfg.lpips is not None:
-        from ldm_lightning.losses.perceptual import build_lpips
-
-        lpips = build_lpips(**cfg.lpips).to(module.device)
-    n_embed = module.quantize.n_embed if module.regularizer == "vq" else None
-    reconstruction = ReconstructionMetrics(lpips=lpips, n_embed=n_embed)
-    dataset = datamodule.build_split(split, augment=False)
-    if cfg.num_real is not None:
-        dataset = torch.utils.data.Subset(dataset, range(cfg.num_real))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="reconstructing", disable=not cfg.progress):
-            x = batch["image"].to(module.device)
-            x_hat, _, info = module(x, sample_posterior=False)
-            x_hat = x_hat.clamp(-1, 1)
-            reconstruction.update(x, x_hat, info.get("indices"))
-            metrics.update(x_hat)
-    results = metrics.compute()
-    results = {"rfid": results.pop("fid"), **results}
-    return {"split": split, **results, **reconstruction.compute()}
-
-
-def _generative_metrics(
-    datamodule: Any, split: str, extractor: torch.nn.Module, cfg: DictConfig
-) -> GenerativeMetrics:
-    real = real_features(
-        datamodule, split, extractor, cfg.stats_dir, cfg.num_real, cfg.batch_size, cfg.progress
-    )
-    return GenerativeMetrics(
-        extractor,
-        real,
-        kid="kid" in cfg.metrics,
-        inception_score="is" in cfg.metrics,
-        kid_subset_size=cfg.kid_subset_size,
-        is_splits=cfg.is_splits,
-    )
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """Metric names and values as an aligned two-column text table."""
-    width = max(map(len, metrics))
-    rows = [
-        f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}"
-        for name, value in metrics.items()
-    ]
-    rule = "-" * max(map(len, rows))
-    return "\n".join([rule, *rows, rule])
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON over ``path`` atomically: a kill leaves the old file."""
-    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -226,19 +130,58 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             f"metrics={list(cfg.metrics)} has unknown {sorted(unknown)}; choose from "
             f"{list(OPTIONAL_METRICS)}"
         )
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     module = load_stage(MODULES[kind], cfg.ckpt_path, kind, trust=cfg.trust_checkpoint)
     module.to(device)
     data_cfg, data_source = data_config(cfg, cfg.ckpt_path, cli_overrides)
     datamodule = hydra.utils.instantiate(data_cfg)
+    if kind == "latent_diffusion":
+        check_image_size(module, datamodule)
     extractor = build_feature_extractor(cfg.feature_extractor).to(device)
+    split = cfg.split or DEFAULT_SPLIT[kind]
+    real = real_features(
+        datamodule, split, extractor, cfg.stats_dir, cfg.num_real, cfg.batch_size, cfg.progress
+    )
+    metrics = GenerativeMetrics(
+        extractor,
+        real,
+        kid="kid" in cfg.metrics,
+        inception_score="is" in cfg.metrics,
+        kid_subset_size=cfg.kid_subset_size,
+        is_splits=cfg.is_splits,
+    )
     out_dir = Path(cfg.paths.output_dir)
     if kind == "latent_diffusion":
-        results = evaluate_diffusion(module, datamodule, extractor, cfg, out_dir)
+        results, first = score_samples(
+            module,
+            datamodule,
+            metrics,
+            split,
+            cfg.num_samples,
+            cfg.batch_size,
+            seed=cfg.seed,
+            progress=cfg.progress,
+            keep=GRID_SIZE if cfg.save_grid else 0,
+            **sampling_options(cfg),
+        )
+        if first is not None:
+            save_grid(first, out_dir / "samples.png")
         num_samples = results["num_generated"]
     else:
-        results = evaluate_autoencoder(module, datamodule, extractor, cfg)
+        lpips = build_lpips(**cfg.lpips).to(device) if cfg.lpips is not None else None
+        results = score_reconstructions(
+            module,
+            datamodule,
+            metrics,
+            split,
+            cfg.batch_size,
+            limit=cfg.num_real,
+            pixel_metrics=True,
+            lpips=lpips,
+            progress=cfg.progress,
+        )
         num_samples = results["num_images"]
+    results = {"split": split, **results}
     warning = sample_size_warning(num_samples)
     report = {
         "ckpt_path": str(cfg.ckpt_path),
@@ -261,7 +204,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             "guidance_rescale": cfg.guidance_rescale,
             "seed": cfg.seed,
         }
-    write_json_atomic(out_dir / "metrics.json", report)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
     print(
         f"{kind} checkpoint {cfg.ckpt_path}: {num_samples} samples, {datamodule.name} "
         f"{results['split']} split, features: {report['feature_extractor']}"
@@ -275,8 +218,6 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     evaluate(cfg, HydraConfig.get().overrides.task)
 
 

@@ -1,90 +1,16 @@
 """PNG curves of a run's logged metrics: ``python -m ldm_lightning.plots <run_dir> [--out DIR]``.
 
-Reads ``<run_dir>/csv/metrics.csv`` (Lightning's CSVLogger: one row per logging call, empty
-cells for metrics not logged in it) and draws one figure per quantity, with its train, val
-and test series together: ``train/loss_step``, ``train/loss_epoch`` and ``val/loss`` all land
-in ``loss.png``; ``val/fid`` in ``fid.png``; ``lr-AdamW`` in ``lr-AdamW.png``. The x axis is
-the global step. Figures go to ``<run_dir>/plots`` unless ``--out`` says otherwise.
+Reads ``<run_dir>/csv/metrics.csv`` (written with ``logger=csv`` or ``logger=many``) and draws
+one figure per quantity, its train, val and test series together (see
+:mod:`ldm_lightning.utils.curves`), into ``<run_dir>/plots`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import re
-from collections import defaultdict
 from pathlib import Path
 
-Series = dict[str, list[tuple[int, float]]]
-_STAGE = re.compile(r"^(train|val|test)/")
-_REDUCTION = re.compile(r"_(step|epoch)$")
-
-
-def quantity(column: str) -> str:
-    """The plotted quantity of a metric column: stage prefix and step/epoch suffix removed."""
-    return _REDUCTION.sub("", _STAGE.sub("", column)).replace("/", "_")
-
-
-def read_metrics(path: str | Path) -> dict[str, Series]:
-    """``{quantity: {column: [(step, value), ...]}}`` from a CSVLogger ``metrics.csv``.
-
-    Empty and non-finite cells are skipped; rows without a step are an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: plots read the CSVLogger's metrics.csv; train with "
-            "logger=csv (or logger=many) so the run directory has csv/metrics.csv."
-        )
-    curves: dict[str, Series] = defaultdict(lambda: defaultdict(list))
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("step"):
-                raise ValueError(f"{path} has a row without a step: {row}")
-            step = int(float(row["step"]))
-            for column, cell in row.items():
-                if column in ("step", "epoch") or not cell:
-                    continue
-                value = float(cell)
-                if math.isfinite(value):
-                    curves[quantity(column)][column].append((step, value))
-    return {name: dict(series) for name, series in curves.items()}
-
-
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write one PNG per quantity of ``run_dir``; returns their paths (sorted by name)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError(
-            "plots need matplotlib: install it with `pip install matplotlib` (a dependency "
-            "declared in pyproject.toml; `make install` installs it)."
-        ) from error
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, series in sorted(read_metrics(run_dir / "csv" / "metrics.csv").items()):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        for column, points in sorted(series.items()):
-            steps, values = zip(*points)
-            style = "-" if len(points) > 20 else "o-"
-            ax.plot(steps, values, style, label=column, markersize=3, linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        ax.set_title(f"{name} ({run_dir.name})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+from ldm_lightning.utils.curves import plot_run
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

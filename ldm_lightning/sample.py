@@ -6,86 +6,20 @@ Writes ``grid.png`` and ``samples/<index>.png`` into the run directory. Batch ``
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 import torch
-import torchvision
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from ldm_lightning.callbacks.image_logger import save_grid
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.sampling import batch_conditions, generate, sampling_options, write_samples
+from ldm_lightning.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def cycle_to(values: Sequence[Any] | None, n: int) -> list[Any] | None:
-    """Repeat ``values`` until there are ``n`` of them (None stays None)."""
-    if values is None:
-        return None
-    values = list(values)
-    if not values:
-        raise ValueError("labels/prompts is an empty list; pass at least one, or null")
-    return [values[i % len(values)] for i in range(n)]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def batch_conditions(
-    num_samples: int,
-    batch_size: int,
-    labels: Sequence[int] | None = None,
-    prompts: Sequence[str] | None = None,
-) -> Iterator[dict[str, list[Any]]]:
-    """Per-batch ``labels``/``prompts`` inputs, each list cycled to ``num_samples`` first."""
-    condition = {"labels": cycle_to(labels, num_samples), "prompts": cycle_to(prompts, num_samples)}
-    for start in range(0, num_samples, batch_size):
-        stop = min(start + batch_size, num_samples)
-        yield {k: v[start:stop] for k, v in condition.items() if v is not None}
-
-
-@torch.no_grad()
-def generate(
-    module: pl.LightningModule,
-    num_samples: int,
-    batch_size: int,
-    conditions: Iterator[dict[str, Any]] | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    **sampling: Any,
-) -> Iterator[torch.Tensor]:
-    """Batches of samples ``[b, 3, H, W]`` in [-1, 1]; batch ``i`` uses seed ``seed + i``.
-
-    ``conditions`` yields one dict of ``labels``/``prompts`` per batch (cut to the batch);
-    ``sampling``: ``sampler``, ``steps``, ``eta``, ``guidance_scale``, ... of
-    :meth:`LatentDiffusionModule.sample` (None: the checkpoint's defaults).
-    """
-    conditions = conditions if conditions is not None else itertools.repeat({})
-    starts = range(0, num_samples, batch_size)
-    for index, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
-        n = min(batch_size, num_samples - start)
-        condition = {k: v[:n] for k, v in next(conditions).items()}
-        yield module.sample(n=n, seed=seed + index, **sampling, **condition)
-
-
-def write_samples(images: torch.Tensor, out_dir: str | Path, nrow: int | None = None) -> Path:
-    """``grid.png`` and ``samples/00000.png, ...`` under ``out_dir``; returns the grid path."""
-    out_dir = Path(out_dir)
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        torchvision.utils.save_image((image + 1) / 2, out_dir / "samples" / f"{index:05d}.png")
-    return save_grid(images, out_dir / "grid.png", nrow)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -107,12 +41,7 @@ def run(cfg: DictConfig) -> Path:
         conditions,
         seed=cfg.seed,
         progress=True,
-        sampler=cfg.sampler,
-        steps=cfg.steps,
-        eta=cfg.eta,
-        timestep_spacing=cfg.timestep_spacing,
-        guidance_scale=cfg.guidance_scale,
-        guidance_rescale=cfg.guidance_rescale,
+        **sampling_options(cfg),
         negative_prompts=optional(cfg.negative_prompts),
         unconditional=cfg.unconditional,
     )

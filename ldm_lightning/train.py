@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_lightning.utils.config_tree import print_config_tree
 from ldm_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from ldm_lightning.utils.wandb import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +79,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
             metrics.update(trainer.callback_metrics)
     finally:
-        _finish_wandb()
+        finish_wandb()
     return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
-
-
-def _finish_wandb() -> None:
-    """Close the wandb run even when training raised, so the next run starts clean."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")

@@ -83,10 +83,11 @@ def test_text_conditional_ldm_trains_saves_and_samples_with_guidance(vq_ckpt, cl
 
 
 def test_ldm_on_a_pretrained_transformers_clip_text_encoder(vq_ckpt, tmp_path):
-    """text_pretrained: a save_pretrained folder (here a tiny random CLIP), frozen, recorded."""
+    """model/conditioning=pretrained_text: a save_pretrained folder (here a tiny random CLIP),
+    frozen, recorded."""
     clip = write_tiny_clip(tmp_path / "clip")
-    overrides = ["+experiment=shapes_ldm_text", *TINY_DATA, *TINY_LDM,
-                 f"model.first_stage.ckpt_path={vq_ckpt}", "model.conditioning.text_ckpt_path=null",
+    overrides = ["+experiment=shapes_ldm", "model/conditioning=pretrained_text", *TINY_DATA,
+                 *TINY_LDM, f"model.first_stage.ckpt_path={vq_ckpt}",
                  f"model.conditioning.text_pretrained={clip}"]
     train(compose_config(overrides, tmp_path / "run"))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -3,7 +3,9 @@
 The keys are read from the YAML files themselves: ``conf/sample.yaml``, ``conf/evaluate.yaml``
 and every ``conf/model/*.yaml`` as Hydra composes it (its defaults included: vq.yaml into
 kl.yaml, conditioner_text.yaml into conditioner_class.yaml, each ``conf/scheduler`` option into
-ldm.yaml's ``schedule``). ``TABLE`` gives each ``<config>:<dotted key>`` one entry:
+ldm.yaml's ``schedule``), and every option of ldm.yaml's ``model/conditioning`` group, each a
+config of its own (``model/conditioning/<option>``, keys relative to ``model.conditioning``).
+``TABLE`` gives each ``<config>:<dotted key>`` one entry:
 
 - :class:`Live`: the tiny object is built twice, with the key's base value and with ``value``
   (both with ``context``), and ``observe`` must differ: the samples, the loss, the module's
@@ -27,6 +29,7 @@ import hashlib
 import importlib
 import io
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from typing import Any
 import hydra
 import pytest
 import torch
+import transformers
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -43,18 +47,22 @@ from torch.utils.data import DataLoader
 
 from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.evaluate import evaluate
-from ldm_lightning.models.conditioner import CaptionEncoder, ConditionerModule, contrastive_loss
+from ldm_lightning.losses.contrastive import contrastive_loss
+from ldm_lightning.models import ConditionerModule
+from ldm_lightning.nn.condition_encoders import CaptionEncoder
 from ldm_lightning.sample import run as sample_run
 from tests.checkpoint_utils import foreign_copy, perturbed_copy, write_checkpoint
+from tests.clip_utils import write_tiny_clip
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.losses.test_perceptual import no_network  # noqa: F401 - a fixture
-from tests.models.test_conditioning import CAPTIONS, TEXT, tiny_ldm
+from tests.models.test_conditioning import CAPTIONS, TEXT, conditioning_config, tiny_ldm
 from tests.models.test_diffusion_module import TINY_LDM
 from tests.nn.test_unet import _randomise as randomise_zero_parameters
 from tests.test_conditioning_train import TINY_CLIP
 from tests.test_evaluate import EXTRACTOR, TINY_DATA, checkpoints  # noqa: F401 - a fixture
 
 CONF = Path(__file__).parents[1] / "conf"
+CONDITIONING = "model/conditioning"  # a group of model/ldm; each option is a config here
 ENTRY_CONFIGS = ("sample", "evaluate")
 SKIPPED = {"_target_", "_convert_", "_partial_", "_recursive_"}  # instantiate's, not ours
 SKIPPED_TOP = {"defaults", "hydra"}  # the defaults list and Hydra's own settings
@@ -105,7 +113,8 @@ Entry = Live | Inert | Elsewhere
 # values), loss (the training loss of a fixed batch in train mode, fixed seeds), codebook (the VQ
 # codebook after one training forward), sample (LDM.sample(n=2, seed=0)), log_images (the image
 # logger's grids), optimizer (betas, weight decay, rate over 400 steps), speed (compiled nets,
-# channels_last weights), recompute (UNet module calls in one training step). Entry points:
+# channels_last weights), recompute (UNet module calls in one training step), trainable (the
+# parameters that require gradients). Entry points:
 # samples (the PNGs sample.run writes), report (metrics.json less what it repeats from the
 # config, and the files evaluate writes), progress (a progress bar on stderr), devices (where
 # modules are moved), run_dir (Hydra's run directory).
@@ -266,11 +275,6 @@ FIRST_STAGE: dict[str, Entry] = {
 LDM: dict[str, Entry] = {
     "image_size": Live("sample", 32),
     **FIRST_STAGE,
-    "conditioning.kind": Live("structure", "class", context={"conditioning.num_classes": 18}),
-    "conditioning.trust_checkpoint": refused_unless_trusted(
-        "structure",
-        {"conditioning.kind": "text", "conditioning.text_ckpt_path": "<clip_foreign>"},
-    ),
     # null follows the first stage's latent channels, the only value that works.
     "unet.in_channels": Live("structure", 4, raises="in_channels=4"),
     "unet.out_channels": Live("structure", 4, raises="out_channels=4"),
@@ -299,6 +303,8 @@ LDM: dict[str, Entry] = {
     "schedule.beta_start": Live("loss", 0.001),
     "schedule.beta_end": Live("loss", 0.03),
 }
+
+
 
 CONDITIONER: dict[str, Entry] = {
     "width": Live("structure", 8),
@@ -339,6 +345,37 @@ CONDITIONER_CLASS: dict[str, Entry] = {
 }
 
 
+def kind_switch(option: str) -> Entry:
+    """``kind`` names the option; overriding it asks for the config group instead."""
+    return Live("structure", option, raises=f"model/conditioning={option} instead")
+
+
+UNCONDITIONAL: dict[str, Entry] = {"kind": kind_switch("class")}
+CLASS_CONDITIONING: dict[str, Entry] = {
+    "kind": kind_switch("text"),
+    "num_classes": Live("structure", 10),
+    "class_route": Live("structure", "both"),
+    "width": Live("structure", 16, context={"class_route": "context"}),
+    "num_tokens": Live("structure", 2, context={"class_route": "context"}),
+    "p_uncond": Live("loss", 0.5),
+}
+TEXT_CONDITIONING: dict[str, Entry] = {
+    "kind": kind_switch("class"),
+    "text_ckpt_path": Live("weights", "<clip>"),  # null (tiny): built here, trained jointly
+    "freeze_text": Live("trainable", True, base=False, context={"text_ckpt_path": "<clip>"}),
+    "trust_checkpoint": refused_unless_trusted("structure", {"text_ckpt_path": "<clip_foreign>"}),
+    "width": Live("structure", 16),
+    **TEXT_ENCODER,
+    "p_uncond": Live("loss", 0.5),
+}
+PRETRAINED_TEXT_CONDITIONING: dict[str, Entry] = {
+    "kind": kind_switch("text"),
+    "text_pretrained": Live("weights", "<tiny_clip_other>"),
+    "freeze_text": Live("trainable", False),
+    "p_uncond": Live("loss", 0.5),
+}
+
+
 def keyed(config: str, entries: dict[str, Entry]) -> dict[str, Entry]:
     return {f"{config}:{key}": entry for key, entry in entries.items()}
 
@@ -349,6 +386,10 @@ TABLE: dict[str, Entry] = {
     **keyed("model/vq", VQ),
     **keyed("model/kl", KL),
     **keyed("model/ldm", LDM),
+    **keyed("model/conditioning/none", UNCONDITIONAL),
+    **keyed("model/conditioning/class", CLASS_CONDITIONING),
+    **keyed("model/conditioning/text", TEXT_CONDITIONING),
+    **keyed("model/conditioning/pretrained_text", PRETRAINED_TEXT_CONDITIONING),
     **keyed("model/conditioner_text", CONDITIONER_TEXT),
     **keyed("model/conditioner_class", CONDITIONER_CLASS),
 }
@@ -382,6 +423,10 @@ def group_variants(name: str) -> list[list[str]]:
     return [[]]
 
 
+def conditioning_options() -> list[str]:
+    return sorted(path.stem for path in (CONF / CONDITIONING).glob("*.yaml"))
+
+
 def config_keys(tmp_path: Path) -> set[str]:
     keys = set()
     for config in ENTRY_CONFIGS:
@@ -389,7 +434,12 @@ def config_keys(tmp_path: Path) -> set[str]:
     for name in model_names():
         for overrides in group_variants(name):
             model = compose_config([f"model={name}", *overrides], tmp_path).model
-            keys |= {f"model/{name}:{k}" for k in flat_keys(model)}
+            # The conditioning options are configs of their own (below).
+            keys |= {f"model/{name}:{k}" for k in flat_keys(model)
+                     if not k.startswith("conditioning.")}
+    for option in conditioning_options():
+        model = compose_config(["model=ldm", f"{CONDITIONING}={option}"], tmp_path).model
+        keys |= {f"{CONDITIONING}/{option}:{k}" for k in flat_keys(model.conditioning)}
     return keys
 
 
@@ -447,10 +497,21 @@ TINY = {
         *TINY_DATA,
     ],
 }
+# A conditioning option is built into the tiny LDM (a text encoder built here, trained jointly).
+TINY_CONDITIONING = {
+    "none": [],
+    "class": ["model.conditioning.num_classes=18", "model.conditioning.width=8"],
+    "text": [
+        "model.conditioning.text_ckpt_path=null", "model.conditioning.width=8",
+        *(f"model.conditioning.text.{key}={value}" for key, value in TEXT.items()),
+    ],
+    "pretrained_text": [],
+}
 # Settings every probe of an entry point starts from.
 BASE_SETTINGS = {
     "sample": {"ckpt_path": "<ldm>"},
     "evaluate": {"ckpt_path": "<ldm>", "stats_dir": "<run>/stats"},
+    f"{CONDITIONING}/pretrained_text": {"text_pretrained": "<tiny_clip>"},
 }
 FAMILIES = {
     "vq": "autoencoder",
@@ -462,20 +523,33 @@ FAMILIES = {
 
 
 def family(config: str) -> str:
-    return config if config in ENTRY_CONFIGS else FAMILIES[config.split("/", 1)[1]]
+    if config in ENTRY_CONFIGS:
+        return config
+    return "ldm" if config.startswith(CONDITIONING) else FAMILIES[config.split("/", 1)[1]]
+
+
+def overrides_of(config: str) -> list[str]:
+    """What composes the tiny ``config``: an entry point's, a model's, or the LDM with one
+    conditioning option."""
+    if config in ENTRY_CONFIGS:
+        return TINY[config]
+    if config.startswith(CONDITIONING):
+        option = config.rsplit("/", 1)[1]
+        return ["model=ldm", f"{CONDITIONING}={option}", *TINY["ldm"], *TINY_CONDITIONING[option]]
+    name = config.split("/")[-1]
+    return [f"model={name}", *TINY[name]]
 
 
 _COMPOSED: dict[str, DictConfig] = {}
 
 
 def base_config(config: str, tmp_path: Path) -> DictConfig:
-    name = config.split("/")[-1]
-    if name not in _COMPOSED:
-        overrides = TINY[name] if config in ENTRY_CONFIGS else [f"model={name}", *TINY[name]]
-        _COMPOSED[name] = compose_config(
-            overrides, tmp_path, config_name=config if config in ENTRY_CONFIGS else "train"
+    if config not in _COMPOSED:
+        _COMPOSED[config] = compose_config(
+            overrides_of(config), tmp_path,
+            config_name=config if config in ENTRY_CONFIGS else "train",
         )
-    return copy.deepcopy(_COMPOSED[name])
+    return copy.deepcopy(_COMPOSED[config])
 
 
 def apply(node: DictConfig, settings: Mapping[str, Any]) -> None:
@@ -486,12 +560,17 @@ def apply(node: DictConfig, settings: Mapping[str, Any]) -> None:
 FIT_BATCHES = list(DataLoader(ShapesDataset(16, 16), batch_size=4))
 BATCH = FIT_BATCHES[0]
 AE_BATCH = next(iter(DataLoader(ShapesDataset(4, 32), batch_size=4)))
+CAPTIONED = ShapesDataset(100, 8)  # the captions of CAPTIONS
 TRAINING_STEPS = 400
 
 
 def stand_in_trainer() -> SimpleNamespace:
     """What the modules read from their trainer at fit start and in configure_optimizers."""
-    datamodule = SimpleNamespace(batch_size=4, train_dataloader=lambda: iter(FIT_BATCHES))
+    datamodule = SimpleNamespace(
+        batch_size=4,
+        train_dataloader=lambda: iter(FIT_BATCHES),
+        dataset=lambda split: CAPTIONED,  # a text encoder trained here learns its tokenizer
+    )
     return SimpleNamespace(
         datamodule=datamodule,
         num_devices=1,
@@ -526,6 +605,11 @@ def structure(module) -> dict[str, tuple[int, ...]]:
 
 def weights(module) -> dict[str, Any]:
     return {k: v.clone() if torch.is_tensor(v) else v for k, v in module.state_dict().items()}
+
+
+def trainable(module) -> list[str]:
+    """The parameters the optimizer would train (a frozen encoder has none)."""
+    return [name for name, p in module.named_parameters() if p.requires_grad]
 
 
 def optimizer(module) -> list[Any]:
@@ -623,6 +707,7 @@ MODEL_OBSERVERS: dict[str, dict[str, Callable[[Any], Any]]] = {
     },
     "ldm": {
         **COMMON, "loss": lambda m: ldm_loss_tensor(m).detach(), "sample": ldm_sample,
+        "trainable": trainable,
         "recompute": recompute, "log_images": log_images(BATCH), "speed": speed,
     },
     "conditioner": {**COMMON, "loss": conditioner_loss},
@@ -778,8 +863,8 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     """
     root = tmp_path_factory.mktemp("stages")
     torch.manual_seed(0)
-    class_ldm = tiny_ldm({"kind": "class", "num_classes": 18, "class_route": "both", "width": 8})
-    text_ldm = tiny_ldm({"kind": "text", "width": 8, "text": TEXT})
+    class_ldm = tiny_ldm(conditioning_config("class", num_classes=18, class_route="both", width=8))
+    text_ldm = tiny_ldm(conditioning_config("text", width=8, text=TEXT))
     text_ldm.conditioner.text.fit_tokenizer(CAPTIONS)
     clip = ConditionerModule(encoder="text", width=16, text=TEXT, first_stage={"identity": True},
                              embed_dim=8, image_encoder={"channels": [8]})
@@ -794,8 +879,23 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
         "<text_ldm>": write_checkpoint(text_ldm, root / "text_ldm.ckpt"),
         "<ldm_foreign>": foreign_copy(checkpoints["ldm"], root / "ldm_foreign.ckpt"),
         "<ae_foreign>": foreign_copy(checkpoints["ae"], root / "ae_foreign.ckpt"),
+        "<clip>": clip_ckpt,
         "<clip_foreign>": foreign_copy(clip_ckpt, root / "clip_foreign.ckpt"),
+        "<tiny_clip>": write_tiny_clip(root / "tiny_clip"),
+        "<tiny_clip_other>": perturbed_clip(root / "tiny_clip", root / "tiny_clip_other"),
     }
+
+
+def perturbed_clip(src: Path, dst: Path, std: float = 0.05) -> Path:
+    """A copy of the transformers CLIP folder ``src`` with Gaussian noise on its weights."""
+    shutil.copytree(src, dst)
+    model = transformers.CLIPTextModel.from_pretrained(dst)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(std * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(dst)
+    return dst
 
 
 def probe_env(config: str, settings: Mapping[str, Any], request) -> dict[str, Any]:
@@ -811,7 +911,10 @@ def settings_of(key: str, entry: Live | Inert) -> tuple[str, dict[str, Any], dic
     base = {**BASE_SETTINGS.get(config, {}), **getattr(entry, "context", {})}
     if getattr(entry, "base", KEEP) is not KEEP:
         base[dotted] = entry.base
-    return config, base, {**base, dotted: entry.value}
+    changed = {**base, dotted: entry.value}
+    if config.startswith(CONDITIONING):  # its keys are those of model.conditioning
+        base, changed = ({f"conditioning.{k}": v for k, v in d.items()} for d in (base, changed))
+    return config, base, changed
 
 
 LIVE = [key for key, entry in TABLE.items() if isinstance(entry, Live)]

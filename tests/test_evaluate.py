@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from ldm_lightning.evaluate import data_config, evaluate, format_table
+from ldm_lightning.evaluate import data_config, evaluate
+from ldm_lightning.metrics.evaluation import format_table
 from ldm_lightning.metrics.fid import extract, frechet_distance, gaussian_statistics
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
@@ -143,6 +144,14 @@ def test_data_config_follows_the_run_unless_overridden(checkpoints, tmp_path) ->
     assert data.image_size == 16 and data.num_train == 16 and data.num_val == 3
     data, source = data_config(cfg, checkpoints["ldm"], ["data=shapes"])
     assert data.image_size == 32 and source == "the data= override"
+
+
+def test_data_overrides_follow_hydras_grammar(checkpoints, tmp_path) -> None:
+    cfg = eval_config(tmp_path, checkpoints["ldm"])
+    overrides = ["++data.num_val=5", "~data.num_test", "data.seed='7'", "ckpt_path=x.ckpt"]
+    data, _ = data_config(cfg, checkpoints["ldm"], overrides)
+    assert data.num_val == 5 and "num_test" not in data and data.seed == "7"
+    assert data.num_train == 16  # the run's value, untouched
 
 
 def test_resolution_must_match_the_checkpoint(checkpoints, tmp_path) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm_lightning.plots import main, quantity, read_metrics
+from ldm_lightning.plots import main
+from ldm_lightning.utils.curves import quantity, read_metrics
 
 CSV = """epoch,lr-AdamW,step,train/loss_epoch,train/loss_step,val/fid,val/loss
 0,0.001,0,,0.9,,

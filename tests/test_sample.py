@@ -6,13 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torchvision
 
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
-from ldm_lightning.sample import batch_conditions, cycle_to, run
+from ldm_lightning.sample import run
 from tests.hydra_utils import compose_config
 from tests.models.test_diffusion_module import autoencoder_ckpt, ldm_run  # noqa: F401 - fixtures
 
@@ -39,14 +38,6 @@ def test_run_writes_a_grid_and_one_png_per_sample_with_per_batch_seeds(
     for path, image in zip(written, expected):
         saved = torchvision.io.read_image(str(path)).float() / 255
         assert (saved - (image + 1) / 2).abs().max() < 1.5 / 255
-
-
-def test_conditions_are_cycled_then_cut_per_batch() -> None:
-    batches = list(batch_conditions(5, 2, labels=[7, 8], prompts=None))
-    assert batches == [{"labels": [7, 8]}, {"labels": [7, 8]}, {"labels": [7]}]
-    assert list(batch_conditions(3, 2)) == [{}, {}]
-    with pytest.raises(ValueError, match="empty list"):
-        cycle_to([], 3)
 
 
 def test_labels_for_an_unconditional_checkpoint_are_a_clear_error(

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from ldm_lightning.callbacks.image_logger import save_grid
 from ldm_lightning.data.shapes import (
     BACKGROUND_COLOURS,
     COLOUR_NAMES,
@@ -49,6 +48,7 @@ from ldm_lightning.data.shapes import (
 )
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.utils.images import save_grid
 
 PALETTE = torch.tensor([SHAPE_COLOURS[name] for name in COLOUR_NAMES], dtype=torch.float32)
 BACKGROUNDS = torch.tensor(list(BACKGROUND_COLOURS.values()), dtype=torch.float32)
@@ -225,7 +225,8 @@ def main() -> None:
         (args.out / "accuracy.json").write_text(json.dumps(report, indent=2))
         return
 
-    kind = ldm.conditioner.kind
+    # What the samples are conditioned on: "class" (labels) or "text" (prompts, any text encoder).
+    kind = ldm.conditioner.condition if ldm.conditioner.is_conditional else "none"
     if kind == "none":
         report["unconditional"] = shape_quality(ldm, args)
         print("unconditional samples:", report["unconditional"])

@@ -21,14 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lightning.data.latent_cache import (
-    CacheKey,
-    LatentDataset,
-    build_latent_cache,
-    state_dict_sha256,
-)
+from ldm_lightning.data.latent_cache import CacheKey, build_latent_cache
+from ldm_lightning.data.latent_dataset import LatentDataset
 from ldm_lightning.nn.encoder_decoder import Encoder
 from ldm_lightning.nn.quantizer import VectorQuantizer
+from ldm_lightning.utils.hashing import state_dict_sha256
 
 
 class SyntheticImages(Dataset):

@@ -13,17 +13,14 @@ runs at equal N, not to report; use ``python -m ldm_lightning.evaluate`` for tha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from ldm_lightning.evaluate import sampling_conditions
+from ldm_lightning.metrics.evaluation import score_reconstructions, score_samples
 from ldm_lightning.metrics.fid import GenerativeMetrics, build_feature_extractor, real_features
-from ldm_lightning.sample import generate
 
 
 class FIDCallback(pl.Callback):
@@ -108,31 +105,21 @@ class FIDCallback(pl.Callback):
         metrics = GenerativeMetrics(self._extractor, self._real)
         was_training = pl_module.training
         pl_module.eval()
-        with torch.no_grad():
-            for images in self._images(datamodule, pl_module):
-                metrics.update(images)
-        pl_module.train(was_training)
-        return float(metrics.compute()["fid"])
-
-    def _images(self, datamodule: Any, pl_module: pl.LightningModule) -> Iterator[torch.Tensor]:
-        """Samples, or reconstructions for modules that cannot sample: ``[b, 3, H, W]``."""
         if hasattr(pl_module, "sample"):
-            conditions = sampling_conditions(pl_module, datamodule, self.split, self.batch_size)
-            yield from generate(
+            results, _ = score_samples(
                 pl_module,
+                datamodule,
+                metrics,
+                self.split,
                 self.num_samples,
                 self.batch_size,
-                conditions,
                 seed=self.seed,
                 **self.sampling,
             )
-            return
-        dataset = datamodule.build_split(self.split, augment=False)
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
-        taken = 0
-        for batch in loader:
-            if taken >= self.num_samples:
-                return
-            x = batch["image"][: self.num_samples - taken].to(pl_module.device)
-            taken += x.shape[0]
-            yield pl_module(x, sample_posterior=False)[0].clamp(-1, 1)
+            value = results["fid"]
+        else:
+            value = score_reconstructions(
+                pl_module, datamodule, metrics, self.split, self.batch_size, self.num_samples
+            )["rfid"]
+        pl_module.train(was_training)
+        return float(value)

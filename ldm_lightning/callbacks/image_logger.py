@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torchvision
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-
-def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [-1, 1] -> one ``[3, H', W']`` grid in [0, 1], ``nrow`` images a row."""
-    nrow = nrow or max(1, int(math.sqrt(images.shape[0])))
-    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
-    return torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write ``images`` (``[N, 3, H, W]`` in [-1, 1]) as one PNG grid; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(to_grid(images, nrow), path)
-    return path
+from ldm_lightning.utils.images import save_png, to_grid
 
 
 class ImageLogger(pl.Callback):
@@ -67,10 +52,7 @@ class ImageLogger(pl.Callback):
             images, nrow = value if isinstance(value, tuple) else (value, None)
             grid = to_grid(images, nrow)
             stem = f"{name}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}"
-            path = self.save_dir / f"{stem}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torchvision.utils.save_image(grid, path)
-            self.saved.append(path)
+            self.saved.append(save_png(grid, self.save_dir / f"{stem}.png"))
             self._send(trainer, name, grid)
 
     @staticmethod

@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lightning.data.latent_cache import CacheKey, LatentDataset, build_latent_cache
+from ldm_lightning.data.latent_cache import CacheKey, build_latent_cache
+from ldm_lightning.data.latent_dataset import LatentDataset
 
 SPLITS = ("train", "val", "test")
 

@@ -6,7 +6,9 @@ memory afterwards removes the encoder from the training loop.
 
 A cache file is named by a :class:`CacheKey` (autoencoder weights hash, dataset, split,
 transforms, flip), so a new autoencoder or new transforms give a new file and old latents
-are never silently reused. Files are written atomically and validated on load (format,
+are never silently reused. The weights hash is :func:`~ldm_lightning.utils.hashing.file_sha256`
+of the checkpoint, or :func:`~ldm_lightning.utils.hashing.state_dict_sha256` of a module
+built in memory. Files are written atomically and validated on load (format,
 key, shapes, checksum); anything that fails is rebuilt, never trusted.
 
 Typical use (one process)::
@@ -14,7 +16,7 @@ Typical use (one process)::
     key = CacheKey(autoencoder_hash=file_sha256(ckpt), dataset="shapes", split="train",
                    transforms={"image_size": 32}, flip=True)
     cache = build_latent_cache(ae.encode, dataset, "cache/latents", key)
-    ds = LatentDataset(cache, random_flip=True)
+    ds = LatentDataset(cache, random_flip=True)  # ldm_lightning.data.latent_dataset
 
 With several ranks only rank 0 encodes and writes; the others load after a barrier::
 
@@ -26,7 +28,6 @@ With several ranks only rank 0 encodes and writes; the others load after a barri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.utils.atomic import atomic_torch_save
+from ldm_lightning.utils.hashing import tensors_sha256, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -48,38 +51,6 @@ _FIELDS = ("format_version", "key", "latents", "latents_flipped", "labels", "cap
            "mean", "std", "sha256")
 
 EncodeFn = Callable[[Tensor], Tensor]
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (an autoencoder checkpoint), read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _tensor_bytes(t: Tensor) -> memoryview:
-    """The raw bytes of ``t`` (any dtype, any shape) as a buffer hashlib can read."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def state_dict_sha256(module: nn.Module | Mapping[str, Tensor]) -> str:
-    """Hex sha256 of a module's weights: names, dtypes, shapes and bytes, in sorted order.
-
-    Use it as :attr:`CacheKey.autoencoder_hash` when the autoencoder has no checkpoint file
-    (built in memory, or loaded from a checkpoint that also holds optimiser state).
-    """
-    state = module.state_dict() if isinstance(module, nn.Module) else module
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        value = state[name]
-        if not isinstance(value, Tensor):
-            raise TypeError(f"state_dict entry {name!r} is {type(value).__name__}, not a Tensor")
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(_tensor_bytes(value))
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -128,7 +99,7 @@ class CacheKey:
 
     def digest(self) -> str:
         """Hex sha256 of :meth:`canonical_json`."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        return text_sha256(self.canonical_json())
 
     def filename(self) -> str:
         """``<dataset>-<split>-<digest[:16]>.pt``."""
@@ -142,20 +113,13 @@ def cache_path(cache_dir: str | os.PathLike, key: CacheKey) -> Path:
 
 def _checksum(latents: Tensor, latents_flipped: Tensor | None, labels: Tensor,
               captions: list[str]) -> str:
-    digest = hashlib.sha256()
-    for t in (latents, latents_flipped, labels):
-        if t is not None:
-            digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(_tensor_bytes(t))
-    digest.update(json.dumps(captions).encode())
-    return digest.hexdigest()
+    return tensors_sha256((latents, latents_flipped, labels), json.dumps(captions))
 
 
 def _channel_stats(latents: Tensor, latents_flipped: Tensor | None) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (population) std over all cached latents, [C] each, float32."""
-    parts = [latents] if latents_flipped is None else [latents, latents_flipped]
-    z = torch.cat(parts).to(torch.float64).transpose(0, 1).reshape(latents.shape[1], -1)
-    return z.mean(dim=1).float(), z.std(dim=1, correction=0).float()
+    stats = LatentStats.of(z for z in (latents, latents_flipped) if z is not None)
+    return stats.mean().float(), stats.std().float()
 
 
 @dataclass
@@ -185,17 +149,16 @@ class LatentCache:
         return self.latents.shape[0]
 
     @property
-    def scale_factor(self) -> float:
-        """``1 / std`` over all latent entries, so ``scale_factor * z`` has unit variance.
+    def stats(self) -> LatentStats:
+        """Statistics of all stored latents (both flips), from the per-channel mean and std."""
+        per_channel = self.latents[:, 0].numel() * (1 if self.latents_flipped is None else 2)
+        return LatentStats.from_moments(self.mean, self.std, per_channel)
 
-        This is the rescaling LDM applies to KL-regularised latents before diffusion
-        (Rombach et al. 2022, appendix G), here estimated from the whole cache rather than
-        from the first batch. From per-channel stats with equal counts per channel:
-        ``Var = mean_c(std_c^2 + mean_c^2) - mean_c(mean_c)^2``.
-        """
-        mean, std = self.mean.double(), self.std.double()
-        var = (std.square() + mean.square()).mean() - mean.mean().square()
-        return float(var.clamp_min(1e-24).rsqrt())
+    @property
+    def scale_factor(self) -> float:
+        """``1 / std`` over all latent entries, so ``scale_factor * z`` has unit variance: the
+        rescaling LDM applies before diffusion (appendix G), over the whole cache."""
+        return self.stats.inverse_std()
 
     def save(self) -> None:
         """Write to :attr:`path` atomically (:func:`~ldm_lightning.utils.atomic.atomic_write`).
@@ -408,36 +371,3 @@ def build_latent_cache(
     log.info("wrote latent cache %s: %d latents of shape %s", path, len(cache),
              tuple(cache.latents.shape[1:]))
     return cache
-
-
-class LatentDataset(Dataset):
-    """Items of a :class:`LatentCache`: ``{"latent": [C, h, w] float32, "label", "caption"}``.
-
-    With ``random_flip`` each item returns ``E(x)`` or ``E(flip(x))`` with probability 1/2,
-    both encoded from pixels by :func:`encode_dataset`. Flipping the latent itself would be
-    wrong: the encoder is not exactly flip-equivariant and a VQ code not at all, so
-    ``flip(E(x))`` is generally not a latent the decoder maps to ``flip(x)``.
-    """
-
-    def __init__(self, cache: LatentCache, random_flip: bool = False,
-                 generator: torch.Generator | None = None) -> None:
-        if random_flip and cache.latents_flipped is None:
-            raise ValueError(
-                f"random_flip=True needs flipped latents, but {cache.path} was built with "
-                "key.flip=False; rebuild with CacheKey(..., flip=True) or set random_flip=False"
-            )
-        self.cache = cache
-        self.random_flip = random_flip
-        self.generator = generator
-        # Python ints and strs per item, so __getitem__ only indexes.
-        self._labels = cache.labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        source = self.cache.latents
-        if self.random_flip and torch.randint(2, (), generator=self.generator).item():
-            source = self.cache.latents_flipped
-        return {"latent": source[index].float(), "label": self._labels[index],
-                "caption": self.cache.captions[index]}

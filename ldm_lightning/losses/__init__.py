@@ -1,1 +1,2 @@
-"""Autoencoder losses: reconstruction, LPIPS, adversarial, regulariser."""
+"""Losses: the autoencoder's (reconstruction, LPIPS, adversarial, regulariser) and CLIP's
+contrastive loss of the conditioner."""

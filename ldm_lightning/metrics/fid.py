@@ -18,7 +18,6 @@ else the features. Any small ``nn.Module`` serves for offline tests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -40,8 +39,8 @@ from torchmetrics.image import (
 )
 from tqdm import tqdm
 
-from ldm_lightning.data.latent_cache import state_dict_sha256
 from ldm_lightning.utils.atomic import atomic_torch_save
+from ldm_lightning.utils.hashing import state_dict_sha256, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ class RealFeaturesKey:
         return json.loads(json.dumps(asdict(self), sort_keys=True, default=str))
 
     def filename(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        digest = text_sha256(json.dumps(self.to_dict(), sort_keys=True))
         size = self.transforms.get("image_size", "x")
         return f"{self.dataset}-{self.split}-{size}px-{digest[:16]}.pt"
 

@@ -1,19 +1,20 @@
-"""Stage 1: the perceptual-compression autoencoder (LDM sec. 3.1), VQ or KL regularised.
+"""Stage 1: training the perceptual-compression autoencoder (LDM sec. 3.1), VQ or KL regularised.
 
-``x [B, 3, H, W] -> z = E(x) [B, embed_dim, H/f, W/f] -> x' = D(z)`` with f = 2^(len(ch_mult)-1).
-Loss: L1/L2 + LPIPS + PatchGAN (hinge, adaptive weight, from ``disc_start``) + codebook and
-commitment (VQ) or KL; the generator and discriminator are two optimizers stepped by hand
-(Lightning manual optimisation), so gradient clipping is ``model.gradient_clip_val`` (max
-global L2 norm per optimizer), not the trainer's. ``model.compile`` and ``model.channels_last``
-speed up the encoder and decoder. Parameter names follow CompVis' first-stage models, so their
-released checkpoints load with :meth:`AutoencoderModule.load_compvis_state_dict`.
+:class:`AutoencoderModule` is a :class:`~ldm_lightning.nn.first_stage.FirstStage` (the network:
+``encode``, ``decode``, CompVis' parameter names) with its training added: loss = L1/L2 + LPIPS
++ PatchGAN (hinge, adaptive weight, from ``disc_start``) + codebook and commitment (VQ) or KL;
+the generator and discriminator are two optimizers stepped by hand (Lightning manual
+optimisation), so gradient clipping is ``model.gradient_clip_val`` (max global L2 norm per
+optimizer), not the trainer's. ``model.compile`` and ``model.channels_last`` speed up the
+encoder and decoder. Its checkpoint holds the network's weights under the names CompVis uses
+(a later stage copies those, :mod:`ldm_lightning.models.first_stage`) and the discriminator's
+under ``loss.*``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,35 +25,15 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.losses.autoencoder import AutoencoderLoss
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.models.checkpoints import SafeLoading, read_checkpoint, stamp
 from ldm_lightning.models.optim import scaled_learning_rate, schedule_lambda
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
-from ldm_lightning.nn.distributions import DiagonalGaussian
-from ldm_lightning.nn.encoder_decoder import Decoder, Encoder
-from ldm_lightning.nn.quantizer import VectorQuantizer
+from ldm_lightning.nn.first_stage import FirstStage
 
 log = logging.getLogger(__name__)
-REGULARIZERS = ("vq", "kl")
-
-
-def inverse_std(latents: Iterable[torch.Tensor]) -> float:
-    """``1 / std(z)`` over every element of ``latents`` (LDM sec. 4.3.2 and appendix G).
-
-    Rescales latents to unit variance so the diffusion schedule's signal-to-noise ratios
-    mean what they do in pixel space. Accumulated in float64, one tensor at a time.
-    """
-    total, total_sq, count = 0.0, 0.0, 0
-    for z in latents:
-        z = z.double()
-        total += z.sum().item()
-        total_sq += (z * z).sum().item()
-        count += z.numel()
-    if count == 0:
-        raise ValueError("cannot estimate the latent scale factor: no batches (empty dataset?)")
-    variance = total_sq / count - (total / count) ** 2
-    return 1.0 / math.sqrt(max(variance, 1e-12))
 
 
 class LazyPerceptual:
@@ -75,29 +56,27 @@ class LazyPerceptual:
         return self.net(x, y)
 
 
-class AutoencoderModule(SafeLoading, pl.LightningModule):
-    """VQ or KL autoencoder with its GAN training loop. See the module docstring."""
+class AutoencoderModule(SafeLoading, FirstStage, pl.LightningModule):
+    """A :class:`FirstStage` with its GAN training loop. See the module docstring.
+
+    Args:
+        loss: :class:`~ldm_lightning.losses.autoencoder.AutoencoderLoss` arguments (weights,
+            ``disc_start``, discriminator size).
+        perceptual: LPIPS arguments (:func:`~ldm_lightning.losses.perceptual.build_lpips`).
+        optimizer: ``base_lr``, ``scale_lr``, ``betas``, ``schedule`` (see
+            :meth:`configure_optimizers`).
+        num_log_images: reconstructions in the logged image grid.
+        gradient_clip_val: max global L2 norm of each optimizer's gradients; None: off.
+        compile, channels_last: speed switches of the encoder and decoder.
+        **architecture: the :class:`FirstStage` arguments (``regularizer``, ``image_size``,
+            ``ch``, ``ch_mult``, ``z_channels``, ``embed_dim``, ``n_embed``, ...).
+    """
 
     kind = "autoencoder"
 
     def __init__(
         self,
         *,
-        regularizer: str = "vq",
-        image_size: int = 256,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Iterable[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Iterable[int] = (),
-        dropout: float = 0.0,
-        z_channels: int = 3,
-        embed_dim: int = 3,
-        n_embed: int = 8192,
-        beta: float = 0.25,
-        ema_codebook: bool = False,
-        ema_decay: float = 0.99,
-        restart_dead_codes: bool = False,
         loss: dict[str, Any] | None = None,
         perceptual: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
@@ -105,45 +84,13 @@ class AutoencoderModule(SafeLoading, pl.LightningModule):
         gradient_clip_val: float | None = None,
         compile: bool | dict[str, Any] = False,
         channels_last: bool = False,
+        **architecture: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**architecture)
         self.save_hyperparameters()
+        self.hparams.update(self.config)  # the architecture's defaults too
         self.automatic_optimization = False
-        if regularizer not in REGULARIZERS:
-            raise ValueError(f"model.regularizer={regularizer!r} is unknown; valid: {REGULARIZERS}")
-        ch_mult = tuple(ch_mult)
-        self.factor = 2 ** (len(ch_mult) - 1)
-        if image_size % self.factor:
-            raise ValueError(
-                f"data.image_size={image_size} is not divisible by the autoencoder's downsampling "
-                f"factor f={self.factor} (ch_mult={list(ch_mult)}); use an image_size that is a "
-                f"multiple of {self.factor}."
-            )
-        net = dict(
-            ch=ch,
-            ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=image_size,
-            z_channels=z_channels,
-            dropout=dropout,
-        )
-        self.regularizer = regularizer
-        self.embed_dim = embed_dim
-        self.encoder = Encoder(in_channels=in_channels, double_z=regularizer == "kl", **net)
-        self.decoder = Decoder(out_ch=in_channels, in_channels=in_channels, **net)
-        moments = 2 if regularizer == "kl" else 1
-        self.quant_conv = nn.Conv2d(moments * z_channels, moments * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        if regularizer == "vq":
-            self.quantize = VectorQuantizer(
-                n_embed,
-                embed_dim,
-                beta=beta,
-                use_ema=ema_codebook,
-                ema_decay=ema_decay,
-                restart_dead_codes=restart_dead_codes,
-            )
+        image_size = self.config["image_size"]
         loss_kwargs = dict(loss or {})
         disc_layers = loss_kwargs.get("disc_num_layers", 3)
         if image_size < 3 * 2**disc_layers:
@@ -160,9 +107,9 @@ class AutoencoderModule(SafeLoading, pl.LightningModule):
             else None
         )
         self.loss = AutoencoderLoss(
-            regularizer=regularizer,
+            regularizer=self.regularizer,
             perceptual=self.perceptual,
-            disc_in_channels=in_channels,
+            disc_in_channels=self.config["in_channels"],
             **loss_kwargs,
         )
         # Batches trained so far. Lightning's global_step counts optimizer steps (G and D),
@@ -172,57 +119,16 @@ class AutoencoderModule(SafeLoading, pl.LightningModule):
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self._code_counts: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ public API
-    @property
-    def latent_channels(self) -> int:
-        return self.embed_dim
-
-    def encode(
-        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``x [B, 3, H, W]`` in [-1, 1] -> latent ``[B, embed_dim, H/f, W/f]``.
-
-        VQ: the pre-quantisation latent (as CompVis' VQModelInterface; :meth:`decode`
-        quantises). KL: the posterior mean, or a sample when ``sample=True``.
-        """
-        moments = self.quant_conv(self.encoder(x))
-        if self.regularizer == "vq":
-            return moments
-        posterior = DiagonalGaussian(moments)
-        return posterior.sample(generator) if sample else posterior.mode()
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent ``[B, embed_dim, h, w]`` -> image ``[B, 3, h*f, w*f]`` (VQ: quantised first)."""
-        if self.regularizer == "vq":
-            z, _, _ = self.quantize(z)
-        return self.decoder(self.post_quant_conv(z))
-
-    def forward(
-        self, x: torch.Tensor, sample_posterior: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Reconstruct ``x``; returns ``(x_hat, regulariser loss, info)``.
-
-        The regulariser is the VQ codebook + beta * commitment loss (VQ-VAE eq. 3), or the KL
-        divergence to N(0, I) summed over latent dimensions and averaged over the batch.
-        """
-        moments = self.quant_conv(self.encoder(x))
-        if self.regularizer == "vq":
-            z, reg, info = self.quantize(moments)
-        else:
-            posterior = DiagonalGaussian(moments)
-            z = posterior.sample() if sample_posterior else posterior.mode()
-            reg, info = posterior.kl().mean(), {}
-        return self.decoder(self.post_quant_conv(z)), reg, info
-
     @torch.no_grad()
     def estimate_scale_factor(
         self, batches: Iterable[dict[str, torch.Tensor]], max_batches: int = 16
     ) -> float:
-        """``1 / std(z)`` of this autoencoder's latents over up to ``max_batches`` batches."""
+        """``1 / std(z)`` of this autoencoder's latents over up to ``max_batches`` batches
+        (:class:`~ldm_lightning.diffusion.latent_norm.LatentNormalizer`)."""
         images = (
             batch["image"].to(self.device) for batch in itertools.islice(batches, max_batches)
         )
-        return inverse_std(self.encode(x) for x in images)
+        return LatentNormalizer().fit(self.encode(x) for x in images).scale
 
     # ------------------------------------------------------------------ training
     def configure_model(self) -> None:
@@ -365,32 +271,6 @@ class AutoencoderModule(SafeLoading, pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint, self.kind, self)
-
-    def load_compvis_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a CompVis first-stage ``state_dict`` (``loss.*`` ignored) into this module.
-
-        The architecture hyperparameters must match the checkpoint's config. Keys this module
-        has and CompVis' lacks are only EMA/usage buffers of the quantiser and our step counter,
-        which keep their initial values; anything else missing or unexpected is an error.
-        """
-        weights = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
-        ours = {k for k in self.state_dict() if not k.startswith("loss.")}
-        missing = ours - set(weights)
-        unexpected = set(weights) - ours
-        allowed_missing = {
-            k
-            for k in missing
-            if k == "train_batches"
-            or (k.startswith("quantize.") and k != "quantize.embedding.weight")
-        }
-        if unexpected or missing - allowed_missing:
-            raise ValueError(
-                "the CompVis checkpoint does not match this autoencoder's architecture: "
-                f"missing {sorted(missing - allowed_missing)[:8]}, "
-                f"unexpected {sorted(unexpected)[:8]}. Set model.ch, ch_mult, num_res_blocks, "
-                "z_channels, embed_dim, n_embed as in its config.yaml."
-            )
-        self.load_state_dict(weights, strict=False)
 
     @classmethod
     def from_compvis_checkpoint(

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 
-from ldm_lightning.data.latent_cache import file_sha256
 from ldm_lightning.models.exported import (
     RUN_CONFIG_FILE,
     WEIGHTS_FILE,
@@ -26,6 +25,7 @@ from ldm_lightning.models.exported import (
     write_export,
 )
 from ldm_lightning.utils.atomic import atomic_write_text
+from ldm_lightning.utils.hashing import file_sha256
 from ldm_lightning.utils.safe_load import UnsafeCheckpointError, safe_torch_load
 
 KIND_KEY = "ldm_lightning_kind"

@@ -25,10 +25,10 @@ from ldm_lightning.diffusion import (
     sample,
     target,
 )
-from ldm_lightning.models.autoencoder import inverse_std
+from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
-from ldm_lightning.models.conditioning import Conditioning
-from ldm_lightning.models.first_stage import build_first_stage
+from ldm_lightning.models.conditioning import build_conditioning
+from ldm_lightning.models.first_stage import FirstStageHolder
 from ldm_lightning.models.optim import adamw_with_warmup
 from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
 from ldm_lightning.nn.unet import UNetModel
@@ -36,7 +36,7 @@ from ldm_lightning.nn.unet import UNetModel
 log = logging.getLogger(__name__)
 
 
-class LatentDiffusionModule(SafeLoading, pl.LightningModule):
+class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
@@ -49,13 +49,15 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
         prediction: what the UNet predicts: "eps" | "v" | "x0".
         loss_weighting: "uniform" (L_simple) or "min_snr" (Min-SNR-gamma, ``min_snr_gamma``).
         scale_factor: latent scale; ``None`` estimates ``1/std(z)`` from ``scale_factor_batches``
-            training batches before training and stores it in the checkpoint.
+            training batches before training and stores it in the checkpoint
+            (:class:`~ldm_lightning.diffusion.latent_norm.LatentNormalizer`).
         optimizer: ``base_lr``, ``scale_lr`` (CompVis' batch scaling), ``betas``,
             ``weight_decay``, ``warmup_steps`` (linear warm-up).
         sampling: defaults for validation samples and :meth:`sample` (``sampler``, ``steps``,
             ``eta``, ``timestep_spacing``).
-        conditioning: :class:`~ldm_lightning.models.conditioning.Conditioning` arguments
-            (``kind`` and its options); None: unconditional.
+        conditioning: the config of a :class:`~ldm_lightning.models.conditioning.Conditioning`:
+            ``_target_`` (its class) and its arguments, as in ``conf/model/conditioning/``, or a
+            checkpoint's ``{kind: ..., ...}`` of earlier versions; None: unconditional.
         compile: ``torch.compile`` the UNet in place when a Trainer sets the module up (true,
             or a dict of ``torch.compile`` options); parameter names are unchanged.
         channels_last: UNet weights and its inputs in NHWC layout (faster convolutions on GPUs).
@@ -89,20 +91,17 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
             raise ValueError(
                 f"model.loss_weighting={loss_weighting!r} is unknown; valid: {WEIGHTINGS}"
             )
-        self.first_stage, record = build_first_stage(**first_stage)
-        first_stage = {**first_stage, **record}
         self.save_hyperparameters()
-        self.hparams.first_stage = first_stage
+        self.attach_first_stage(first_stage)
 
         channels = self.first_stage.latent_channels
         unet = dict(unet)
         for key in ("in_channels", "out_channels"):  # missing or null: follow the first stage
             if unet.get(key) is None:
                 unet[key] = channels
-        self.conditioner = Conditioning(**(conditioning or {}))
-        # Like the first stage: record a loaded text encoder's hyperparameters, so the
-        # checkpoint alone rebuilds it.
-        self.hparams.conditioning = {**(conditioning or {}), **self.conditioner.record()}
+        # Like the first stage: record the class and a loaded text encoder's hyperparameters,
+        # so the checkpoint alone rebuilds it.
+        self.conditioner, self.hparams.conditioning = build_conditioning(conditioning)
         unet.update(self.conditioner.unet_kwargs())
         if unet["in_channels"] != channels or unet["out_channels"] != channels:
             raise ValueError(
@@ -128,23 +127,18 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
         self.unet = UNetModel(**unet)
         self.schedule = NoiseSchedule.make(**{"kind": "linear", **(schedule or {})})
         self.prediction = prediction
-        # A float, not a buffer: EMA weight averaging must not average it.
-        self.scale_factor = float(scale_factor) if scale_factor else None
+        self.latent_norm = LatentNormalizer(scale_factor)
         self.noise_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
-    @torch.no_grad()
-    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
-        """Unscaled first-stage latents ``[B, C, h, w]`` (what the latent cache stores)."""
-        return self.first_stage.encode(images)
-
-    def first_stage_hash(self) -> str:
-        """Identity of the first stage's weights; the latent cache keys on it."""
-        return self.hparams.first_stage["sha256"]
+    @property
+    def scale_factor(self) -> float | None:
+        """The latent scale ``1 / std(z)``; None until estimated or loaded."""
+        return self.latent_norm.scale
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scaled latents ``z0 = scale_factor * E(x)`` of a batch of images or cached latents."""
-        return self.unscaled_latents(batch).float() * self.scale_factor
+        return self.latent_norm.normalize(self.unscaled_latents(batch).float())
 
     @torch.no_grad()
     def unscaled_latents(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -159,16 +153,14 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
     def on_fit_start(self) -> None:
         self.conditioner.prepare(self.trainer.datamodule)
         self.noise_generator = rank_generator(self)
-        if self.scale_factor is None:
-            value = self._estimate_scale_factor()
-            self.scale_factor = float(self.trainer.strategy.broadcast(value, src=0))
+        if not self.latent_norm.fitted:
+            # Over the first ``scale_factor_batches`` training batches; rank 0's for all ranks.
+            loader = self.trainer.datamodule.train_dataloader()
+            batches = itertools.islice(loader, self.hparams.scale_factor_batches)
+            self.latent_norm.fit(self.unscaled_latents(batch) for batch in batches)
+            state = self.trainer.strategy.broadcast(self.latent_norm.state(), src=0)
+            self.latent_norm.load_state(state)
             log.info("Latent scale factor estimated from data: %.5f", self.scale_factor)
-
-    def _estimate_scale_factor(self) -> float:
-        """``1 / std(z)`` over the first ``scale_factor_batches`` training batches."""
-        loader = self.trainer.datamodule.train_dataloader()
-        batches = itertools.islice(loader, self.hparams.scale_factor_batches)
-        return inverse_std(self.unscaled_latents(batch) for batch in batches)
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
@@ -271,11 +263,7 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
         ``sampler``, ``steps``, ``eta`` and ``timestep_spacing`` left None take the values of
         ``model.sampling`` saved with the checkpoint.
         """
-        if self.scale_factor is None:
-            raise RuntimeError(
-                "the latent scale factor is unknown: train the model (it is "
-                "estimated at the start of fit) or load a trained checkpoint"
-            )
+        self.latent_norm.check_fitted()
         defaults = {
             "sampler": "ddim",
             "steps": 50,
@@ -313,7 +301,7 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` clamped to [-1, 1]."""
-        return self.first_stage.decode(z / self.scale_factor).float().clamp(-1, 1)
+        return self.first_stage.decode(self.latent_norm.denormalize(z)).float().clamp(-1, 1)
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -333,8 +321,8 @@ class LatentDiffusionModule(SafeLoading, pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint, self.kind, self)
-        checkpoint["scale_factor"] = self.scale_factor
+        checkpoint.update(self.latent_norm.state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("scale_factor") is not None:
-            self.scale_factor = float(checkpoint["scale_factor"])
+        super().on_load_checkpoint(checkpoint)
+        self.latent_norm.load_state(checkpoint)

@@ -1,7 +1,11 @@
-"""The frozen first stage of a latent diffusion model: an autoencoder, or the identity.
+"""The frozen first stage of a later stage (conditioner, latent diffusion), and its record.
 
-With the identity, "latents" are pixels and the same diffusion module is a pixel-space DDPM,
-so latent vs pixel diffusion is one config switch (``model.first_stage.identity=true``).
+A later stage holds a plain :class:`~ldm_lightning.nn.first_stage.FirstStage` (or the
+identity, for pixel space), never the :class:`AutoencoderModule` that trained it: only the
+encoder, quantiser or posterior and decoder weights are copied from the autoencoder checkpoint,
+not its discriminator or step counter. Which file they came from is recorded in
+``hparams.first_stage`` (``ckpt_path``, ``identity``, ``hparams``: the architecture, ``sha256``),
+so a checkpoint of the later stage alone rebuilds it.
 """
 
 from __future__ import annotations
@@ -11,26 +15,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm_lightning.models.autoencoder import AutoencoderModule
-from ldm_lightning.models.checkpoints import load_stage, stage_sha256
+from ldm_lightning.models.checkpoints import read_checkpoint, require_kind, stage_sha256
+from ldm_lightning.nn.first_stage import FirstStage, IdentityFirstStage, is_first_stage_key
 
 CONFIG_KEY = "model.first_stage.ckpt_path"
+PREFIX = "first_stage."
+# Entries of a stage checkpoint that hold a state dict (the EMA callback adds the second).
+STATE_ENTRIES = ("state_dict", "current_model_state")
+
+__all__ = ["FirstStageHolder", "IdentityFirstStage", "build_first_stage", "load_first_stage"]
 
 
-class IdentityFirstStage(nn.Module):
-    """``encode`` and ``decode`` are the identity; ``factor`` 1."""
-
-    factor = 1
-
-    def __init__(self, channels: int = 3) -> None:
-        super().__init__()
-        self.latent_channels = channels
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z
+def load_first_stage(path: str, trust: bool = False) -> FirstStage:
+    """The first stage of the autoencoder checkpoint at ``path`` (a ``.ckpt`` or an export
+    folder): its architecture from the saved hyperparameters, its weights without the loss."""
+    checkpoint = read_checkpoint(path, CONFIG_KEY, trust)
+    require_kind(checkpoint, "autoencoder", path, CONFIG_KEY)
+    module = FirstStage.from_config(checkpoint.get("hyper_parameters", {}))
+    state = checkpoint["state_dict"]
+    module.load_state_dict({k: v for k, v in state.items() if is_first_stage_key(k)})
+    return module
 
 
 def build_first_stage(
@@ -44,34 +48,89 @@ def build_first_stage(
     """Build the frozen first stage and the record of where it came from.
 
     - ``identity``: pixel space.
-    - ``hparams`` given: the architecture only; the weights come with the diffusion checkpoint
-      that recorded them (so a diffusion checkpoint alone is enough to sample).
+    - ``hparams`` given: the architecture only; the weights come with the later stage's
+      checkpoint that recorded them (so that checkpoint alone is enough to sample).
     - else ``ckpt_path``: an autoencoder checkpoint (a ``.ckpt`` or an export folder), checked
-      for its kind, loaded (refusing a pickle that names code unless ``trust_checkpoint``),
-      frozen.
+      for its kind and loaded (refusing a pickle that names code unless ``trust_checkpoint``).
 
     Returns ``(module, record)`` where ``record`` is the ``first_stage`` config to save, with
-    the autoencoder's hyperparameters and the checkpoint file's sha256 filled in.
+    the architecture and the checkpoint file's sha256 filled in.
     """
     record = {"ckpt_path": ckpt_path, "identity": identity, "hparams": hparams, "sha256": sha256}
-    if identity:
-        module: nn.Module = IdentityFirstStage(channels)
-        record["sha256"] = "identity"
-    elif hparams is not None:
-        module = AutoencoderModule(**hparams)
-    elif ckpt_path:
-        module = load_stage(
-            AutoencoderModule, ckpt_path, "autoencoder", CONFIG_KEY, trust_checkpoint
-        )
-        record["hparams"] = dict(module.hparams)
-        record["sha256"] = stage_sha256(ckpt_path)
-    else:
+    if not (identity or hparams is not None or ckpt_path):
         raise ValueError(
             f"{CONFIG_KEY} is not set. Train an autoencoder first "
             "(`python -m ldm_lightning.train +experiment=shapes_vq`) and pass "
             f"{CONFIG_KEY}=<run dir>/checkpoints/last.ckpt, or set "
             "model.first_stage.identity=true for pixel-space diffusion."
         )
+    # Its weights come from a file, so building it draws no random numbers: the later stage's
+    # own initialisation depends on the seed alone, whatever the first stage.
+    with torch.random.fork_rng(devices=[]):
+        if identity:
+            module: nn.Module = IdentityFirstStage(channels)
+            record["sha256"] = "identity"
+        elif hparams is not None:
+            # Records of earlier versions hold all the autoencoder's hyperparameters.
+            module = FirstStage.from_config(hparams)
+            record["hparams"] = module.config
+        else:
+            module = load_first_stage(ckpt_path, trust_checkpoint)
+            record["hparams"] = module.config
+            record["sha256"] = stage_sha256(ckpt_path)
     module.requires_grad_(False)
     module.eval()
     return module, record
+
+
+def without_autoencoder_training_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the ``first_stage.*`` entries a plain first stage does not have.
+
+    Checkpoints written before the first stage was a plain module held the whole autoencoder
+    under ``first_stage.``: its discriminator (``first_stage.loss.*``) and its step counter
+    (``first_stage.train_batches``). Everything else is kept as it is.
+    """
+    return {
+        k: v for k, v in state.items()
+        if not k.startswith(PREFIX) or is_first_stage_key(k[len(PREFIX):])
+    }
+
+
+class FirstStageHolder:
+    """Mixin of the stages trained on a frozen first stage (conditioner, latent diffusion).
+
+    Gives them the first stage (:meth:`attach_first_stage`; in eval mode whatever the stage's
+    mode), the datamodule's side of the latent cache (:meth:`encode_for_cache`,
+    :meth:`first_stage_hash`) and the loading of checkpoints that still hold a whole
+    autoencoder (:func:`without_autoencoder_training_keys`).
+    """
+
+    first_stage: nn.Module
+    hparams: Any
+
+    def attach_first_stage(self, config: dict[str, Any] | None) -> None:
+        """Build ``self.first_stage`` from ``config`` and record it in ``hparams.first_stage``
+        (call after ``save_hyperparameters``)."""
+        config = dict(config or {})
+        self.first_stage, record = build_first_stage(**config)
+        self.hparams.first_stage = {**config, **record}
+
+    @torch.no_grad()
+    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised first-stage latents ``[B, C, h, w]`` (what the latent cache stores)."""
+        return self.first_stage.encode(images)
+
+    def first_stage_hash(self) -> str:
+        """Identity of the first stage's weights; the latent cache keys on it."""
+        return self.hparams.first_stage["sha256"]
+
+    def train(self, mode: bool = True) -> Any:
+        """Train mode for the stage; the frozen first stage stays in eval mode."""
+        super().train(mode)  # type: ignore[misc]
+        self.first_stage.eval()
+        return self
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for entry in STATE_ENTRIES:
+            if entry in checkpoint:
+                checkpoint[entry] = without_autoencoder_training_keys(checkpoint[entry])

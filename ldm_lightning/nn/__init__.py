@@ -1,1 +1,2 @@
-"""Plain torch modules (no Lightning, no Hydra): autoencoder nets, quantiser, UNet, attention."""
+"""Plain torch modules (no Lightning, no Hydra): first stage (autoencoder
+network, identity), quantiser, UNet, attention."""

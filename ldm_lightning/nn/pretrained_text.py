@@ -104,7 +104,9 @@ class PretrainedTextEncoder(nn.Module):
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> PretrainedTextEncoder:
         """The architecture of :meth:`record`; load a state dict for the weights and tokenizer."""
-        return cls(config=record["config"], context_length=record["context_length"])
+        module = cls(config=record["config"], context_length=record["context_length"])
+        module.name_or_path = record.get("name_or_path")  # where it came from, recorded again
+        return module
 
     def record(self) -> dict[str, Any]:
         """What rebuilds this module without the hub: its config and context length."""

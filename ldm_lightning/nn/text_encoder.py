@@ -66,6 +66,8 @@ class TextEncoder(nn.Module):
         layers, heads, mlp_ratio, dropout: transformer size.
         pad_id: the padding token, masked out as an attention key.
         eos_id: the end-of-text token whose output is the pooled vector.
+
+    ``config`` holds the architecture's arguments (all but the two token ids).
     """
 
     def __init__(
@@ -81,6 +83,15 @@ class TextEncoder(nn.Module):
         eos_id: int = 2,
     ) -> None:
         super().__init__()
+        self.config = {
+            "vocab_size": vocab_size,
+            "context_length": context_length,
+            "width": width,
+            "layers": layers,
+            "heads": heads,
+            "mlp_ratio": mlp_ratio,
+            "dropout": dropout,
+        }
         self.context_length = context_length
         self.width = width
         self.pad_id = pad_id

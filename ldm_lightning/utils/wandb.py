@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,10 @@ def wandb_logger(
         offline=offline,
         **kwargs,
     )
+
+
+def finish_wandb() -> None:
+    """Close the wandb run even when training raised, so the next run starts clean."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

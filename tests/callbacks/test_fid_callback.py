@@ -128,3 +128,19 @@ def test_bad_settings_are_errors(tmp_path) -> None:
         fid_callback(tmp_path, every_n_epochs=0)
     with pytest.raises(ValueError, match="num_samples must be >= 2"):
         FIDCallback(stats_dir=tmp_path, num_samples=1)
+
+
+def test_a_module_that_cannot_sample_is_scored_on_its_reconstructions(tmp_path) -> None:
+    class Halving(pl.LightningModule):
+        """An "autoencoder" whose reconstruction is the image at half contrast."""
+
+        def forward(self, x, sample_posterior=True):
+            return x / 2, None, {}
+
+    datamodule = ToyData(image_size=8, num_train=16, num_val=4, num_test=4)
+    fid = FIDCallback(tmp_path, num_samples=6, batch_size=4, feature_extractor=MeanColour())
+    value = fid.compute(datamodule, Halving())
+    real = torch.stack([item["image"] for item in datamodule.build_split("train")])
+    metrics = GenerativeMetrics(MeanColour(), extract(MeanColour(), real)[0])
+    metrics.update(real[:6] / 2)  # the first num_samples images, in batches of 4 and 2
+    assert value == pytest.approx(metrics.compute()["fid"], rel=1e-5)

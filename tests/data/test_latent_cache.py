@@ -13,15 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm_lightning.data.latent_cache import (
-    CacheKey,
-    LatentCache,
-    LatentDataset,
-    build_latent_cache,
-    cache_path,
-    file_sha256,
-    state_dict_sha256,
-)
+from ldm_lightning.data.latent_cache import CacheKey, LatentCache, build_latent_cache, cache_path
+from ldm_lightning.data.latent_dataset import LatentDataset
+from ldm_lightning.utils.hashing import file_sha256, state_dict_sha256
 
 N = 20
 

@@ -18,15 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_lightning.data.latent_cache import file_sha256
 from ldm_lightning.evaluate import evaluate
 from ldm_lightning.models import AutoencoderModule, ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import export_stage, load_stage, read_checkpoint
-from ldm_lightning.models.conditioning import Conditioning
+from ldm_lightning.models.conditioning import TextConditioning
 from ldm_lightning.models.exported import CONFIG_FILE, RUN_CONFIG_FILE, WEIGHTS_FILE
 from ldm_lightning.models.first_stage import build_first_stage
 from ldm_lightning.sample import run as sample_run
 from ldm_lightning.train import train
+from ldm_lightning.utils.hashing import file_sha256
 from ldm_lightning.utils.safe_load import UnsafeCheckpointError
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.test_conditioning_train import TINY_CLIP, TINY_DATA, TINY_LDM
@@ -109,7 +109,7 @@ def test_first_stage_and_text_encoder_refuse_poisoned_checkpoints(stages, tmp_pa
     assert_refused(error, marker)
     path, marker = poisoned(stages["clip"], tmp_path)
     with pytest.raises(UnsafeCheckpointError, match="model.conditioning.text_ckpt_path") as error:
-        Conditioning(kind="text", text_ckpt_path=str(path))
+        TextConditioning(text_ckpt_path=str(path))
     assert_refused(error, marker)
 
 
@@ -192,7 +192,7 @@ def test_first_stage_and_text_encoder_from_exports_equal_the_checkpoints(stages,
 
     clip_export = export_stage(stages["clip"], tmp_path / "clip")
     captions = ["a red circle on a gray background", "a blue square on a white background"]
-    encoders = [Conditioning(kind="text", text_ckpt_path=str(p)).text.eval()
+    encoders = [TextConditioning(text_ckpt_path=str(p)).text.eval()
                 for p in (stages["clip"], clip_export)]
     with torch.no_grad():
         (tokens_a, pooled_a), (tokens_b, pooled_b) = (e(captions) for e in encoders)

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.data.tokenizer import dataset_captions
+from ldm_lightning.losses.contrastive import contrastive_loss
+from ldm_lightning.metrics.retrieval import recall_over_distinct, retrieval_recall
 from ldm_lightning.models import ConditionerModule
 from ldm_lightning.models.checkpoints import load_stage, stamp
-from ldm_lightning.models.conditioner import contrastive_loss, retrieval_recall
 from ldm_lightning.nn.image_encoder import LatentImageEncoder
 
 TINY_TEXT = {"vocab_size": 400, "context_length": 12, "layers": 1, "heads": 2}
@@ -70,6 +71,14 @@ def test_retrieval_recall_on_a_hand_made_example():
     assert recall["recall@2_i2t"] == pytest.approx(1.0)
     # Caption 2's best image (3, score 1.0) ranks first; caption 0's best (image 0) too.
     assert recall["recall@1_t2i"] == pytest.approx(1.0)
+
+
+def test_recall_over_distinct_captions_retrieves_among_each_captions_first_embedding():
+    torch.manual_seed(0)
+    image, text = torch.randn(5, 4), torch.randn(5, 4)
+    keys = ["a", "b", "a", "c", "b"]
+    expected = retrieval_recall(image, text[[0, 1, 3]], torch.tensor([0, 1, 0, 2, 1]), ks=(1, 2))
+    assert recall_over_distinct(image, text, keys, ks=(1, 2)) == expected
 
 
 def test_temperature_starts_at_clip_value_and_is_clamped_at_100():

@@ -10,14 +10,25 @@ from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.data.tokenizer import dataset_captions
 from ldm_lightning.models import ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import stamp
-from ldm_lightning.models.conditioning import Conditioning, expand
+from ldm_lightning.models.conditioning import (
+    KINDS,
+    ClassConditioning,
+    NoConditioning,
+    TextConditioning,
+    expand,
+)
 
 TEXT = {"vocab_size": 400, "context_length": 16, "layers": 1, "heads": 2}
 CAPTIONS = dataset_captions(ShapesDataset(100, 8))
 
 
-def text_conditioning(**kwargs) -> Conditioning:
-    conditioning = Conditioning(kind="text", width=16, text=TEXT, **kwargs)
+def conditioning_config(kind: str, **arguments) -> dict:
+    """``model.conditioning`` as ``conf/model/conditioning/<kind>.yaml`` writes it."""
+    return {"_target_": f"ldm_lightning.models.conditioning.{KINDS[kind].__name__}", **arguments}
+
+
+def text_conditioning(**kwargs) -> TextConditioning:
+    conditioning = TextConditioning(width=16, text=TEXT, **kwargs)
     conditioning.text.fit_tokenizer(CAPTIONS)
     return conditioning.eval()
 
@@ -40,7 +51,7 @@ def tiny_ldm(conditioning: dict) -> LatentDiffusionModule:
 
 
 def test_unconditional_has_no_kwargs_and_refuses_conditions():
-    conditioning = Conditioning()
+    conditioning = NoConditioning()
     assert conditioning.unet_kwargs() == {} and conditioning({"label": [1]}, train=True) == {}
     with pytest.raises(ValueError, match="unconditional"):
         conditioning.for_sampling(2, labels=[1, 2])
@@ -52,8 +63,7 @@ def test_unconditional_has_no_kwargs_and_refuses_conditions():
      ("both", {"num_classes": 19, "context_dim": 16})],
 )
 def test_class_routes_give_unet_kwargs_and_shapes(route, kwargs):
-    conditioning = Conditioning(kind="class", num_classes=18, class_route=route, width=16,
-                                num_tokens=2)
+    conditioning = ClassConditioning(num_classes=18, class_route=route, width=16, num_tokens=2)
     assert conditioning.unet_kwargs() == kwargs
     out = conditioning({"label": torch.tensor([0, 5, 17])}, train=False)
     if "num_classes" in kwargs:
@@ -76,7 +86,7 @@ def test_text_context_shape_and_empty_prompt_is_the_null_context():
 
 
 def test_class_dropout_rate_matches_p_uncond():
-    conditioning = Conditioning(kind="class", num_classes=18, p_uncond=0.3)
+    conditioning = ClassConditioning(num_classes=18, p_uncond=0.3)
     n = 20000
     labels = torch.randint(0, 18, (n,))
     out = conditioning({"label": labels}, train=True)["class_labels"]
@@ -101,7 +111,7 @@ def test_text_dropout_replaces_captions_by_the_null_context():
 
 
 def test_guidance_through_ldm_sample_matches_hand_computation(monkeypatch):
-    ldm = tiny_ldm({"kind": "class", "num_classes": 3, "class_route": "both", "width": 8})
+    ldm = tiny_ldm(conditioning_config("class", num_classes=3, class_route="both", width=8))
     captured = {}
     real_sample = diffusion_module.sample
 
@@ -120,7 +130,7 @@ def test_guidance_through_ldm_sample_matches_hand_computation(monkeypatch):
 
 
 def test_guidance_identities_of_samples():
-    ldm = tiny_ldm({"kind": "text", "width": 8, "text": TEXT})
+    ldm = tiny_ldm(conditioning_config("text", width=8, text=TEXT))
     ldm.conditioner.text.fit_tokenizer(CAPTIONS)
     prompts = ["a red circle on a gray background", "a blue square on a white background"]
     plain = ldm.sample(n=2, prompts=prompts, guidance_scale=1.0)
@@ -142,7 +152,7 @@ def test_negative_prompts_replace_the_null_condition():
 
 
 def test_bad_sampling_inputs_are_clear_errors():
-    classes = Conditioning(kind="class", num_classes=18)
+    classes = ClassConditioning(num_classes=18)
     with pytest.raises(ValueError, match=r"valid labels are 0..17"):
         classes.for_sampling(2, labels=[3, 18])
     with pytest.raises(ValueError, match=r"valid labels are 0..17"):
@@ -163,17 +173,17 @@ def test_bad_sampling_inputs_are_clear_errors():
     with pytest.warns(UserWarning, match="truncated"):
         text.for_sampling(1, prompts=[" ".join(["red"] * 40)])
     with pytest.raises(ValueError, match="num_classes"):
-        Conditioning(kind="class")
+        ClassConditioning()
     with pytest.raises(ValueError, match=r"p_uncond=1.0 must be in \[0, 1\)"):
-        Conditioning(kind="class", num_classes=2, p_uncond=1.0)
+        ClassConditioning(num_classes=2, p_uncond=1.0)
     with pytest.raises(ValueError, match="randomly initialised"):
-        Conditioning(kind="text", freeze_text=True)
+        TextConditioning(freeze_text=True)
 
 
 def test_conditions_repeat_to_fill_n_samples_and_validation_inputs_cycle():
     assert expand([1, 2], 4, "labels") == [1, 1, 2, 2]
     assert expand(torch.tensor([1, 2]), 4, "labels").tolist() == [1, 1, 2, 2]
-    classes = Conditioning(kind="class", num_classes=18)
+    classes = ClassConditioning(num_classes=18)
     assert classes.sampling_inputs({"label": torch.tensor([4, 5, 6])}, 5) == {
         "labels": [4, 5, 6, 4, 5]
     }
@@ -190,8 +200,8 @@ def test_frozen_text_encoder_from_checkpoint_and_its_record(tmp_path):
     path = tmp_path / "clip.ckpt"
     torch.save(checkpoint, path)
 
-    config = {"kind": "text", "text_ckpt_path": str(path)}
-    conditioning = Conditioning(**config).train()
+    config = {"text_ckpt_path": str(path)}
+    conditioning = TextConditioning(**config).train()
     assert conditioning.frozen and not conditioning.text.training
     assert not any(p.requires_grad for p in conditioning.text.parameters())
     context = conditioning({"caption": CAPTIONS[:2]}, train=False)["context"]
@@ -202,9 +212,9 @@ def test_frozen_text_encoder_from_checkpoint_and_its_record(tmp_path):
     record = conditioning.record()
     assert record["text_hparams"]["width"] == 16 and len(record["text_sha256"]) == 64
     path.unlink()
-    rebuilt = Conditioning(**config, **record)
+    rebuilt = TextConditioning(**config, **record)
     rebuilt.load_state_dict(conditioning.state_dict())
     torch.testing.assert_close(rebuilt({"caption": CAPTIONS[:2]}, train=False)["context"], context)
 
-    unfrozen = Conditioning(**config, **record, freeze_text=False)
+    unfrozen = TextConditioning(**config, **record, freeze_text=False)
     assert all(p.requires_grad for p in unfrozen.text.parameters())

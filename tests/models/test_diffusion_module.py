@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from ldm_lightning.data.latent_cache import LatentDataset
+from ldm_lightning.data.latent_dataset import LatentDataset
 from ldm_lightning.data.shapes import ShapesDataModule
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage

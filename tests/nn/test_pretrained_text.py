@@ -15,9 +15,11 @@ import torch
 
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage, stamp
-from ldm_lightning.models.conditioning import Conditioning
+from ldm_lightning.models.conditioning import PretrainedTextConditioning, build_conditioning
 from ldm_lightning.nn.pretrained_text import PretrainedTextEncoder
 from tests.clip_utils import BOS, CONTEXT, EOS, write_tiny_clip
+
+PRETRAINED = "ldm_lightning.models.conditioning.PretrainedTextConditioning"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,16 @@ def test_context_and_pooled_shapes_and_pooled_is_the_eos_state(clip_folder: Path
     assert (ids[:, 0] == encoder.tokenizer.convert_tokens_to_ids(BOS)).all()
 
 
+def test_its_record_rebuilds_it_and_says_where_it_came_from(clip_folder: Path) -> None:
+    encoder = PretrainedTextEncoder(str(clip_folder))
+    rebuilt = PretrainedTextEncoder.from_record(encoder.record())
+    rebuilt.load_state_dict(encoder.state_dict())
+    assert rebuilt.record() == encoder.record()
+    assert encoder.record()["name_or_path"] == str(clip_folder)
+    captions = ["a red circle on a gray background"]
+    torch.testing.assert_close(rebuilt.eval()(captions)[0], encoder.eval()(captions)[0])
+
+
 def test_over_long_prompts_are_truncated_with_a_warning(clip_folder: Path) -> None:
     encoder = PretrainedTextEncoder(str(clip_folder))
     long = " ".join(["a red circle on a gray background"] * 4)
@@ -53,14 +65,16 @@ def test_a_missing_model_names_the_path_and_what_to_give(tmp_path: Path) -> None
 
 
 def test_conditioning_freezes_it_and_the_empty_prompt_is_the_null_context(clip_folder) -> None:
-    conditioning = Conditioning(kind="text", text_pretrained=str(clip_folder)).eval()
+    conditioning = PretrainedTextConditioning(text_pretrained=str(clip_folder)).eval()
     assert conditioning.frozen and conditioning.unet_kwargs() == {"context_dim": 32}
     assert not any(p.requires_grad for p in conditioning.text.parameters())
     cond, uncond = conditioning.for_sampling(2, prompts=["", "a red circle"])
     torch.testing.assert_close(cond["context"][0], uncond["context"][0])
     assert not torch.allclose(cond["context"][1], uncond["context"][1])
     with pytest.raises(ValueError, match="not both"):
-        Conditioning(kind="text", text_pretrained=str(clip_folder), text_ckpt_path="x.ckpt")
+        build_conditioning(
+            {"kind": "text", "text_pretrained": str(clip_folder), "text_ckpt_path": "x.ckpt"}
+        )
 
 
 def test_a_diffusion_checkpoint_samples_without_the_pretrained_folder(
@@ -74,7 +88,7 @@ def test_a_diffusion_checkpoint_samples_without_the_pretrained_folder(
               "attention_resolutions": [2], "num_head_channels": 8},
         first_stage={"identity": True}, image_size=8,
         schedule={"kind": "linear", "timesteps": 100}, scale_factor=1.0,
-        conditioning={"kind": "text", "text_pretrained": str(local)}, sampling={"steps": 3},
+        conditioning={"_target_": PRETRAINED, "text_pretrained": str(local)}, sampling={"steps": 3},
     ).eval()
     for parameter in ldm.unet.parameters():
         torch.nn.init.normal_(parameter, std=0.1)

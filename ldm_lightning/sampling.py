@@ -1,0 +1,109 @@
+"""Sampling as library code: the one path from a trained model to images.
+
+``python -m ldm_lightning.sample``, ``python -m ldm_lightning.evaluate`` and the FID callback
+all draw their images here:
+
+- :func:`generate`: ``num_samples`` images in batches, batch ``b`` with seed ``seed + b``, so
+  the same call gives the same images on any device.
+- the conditions of each batch: :func:`batch_conditions` from given labels/prompts (cycled to
+  ``num_samples``), or :func:`conditions_from_data` from the labels/captions of real images
+  (FID compares like with like).
+- :func:`write_samples`: ``grid.png`` and one PNG per sample.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ldm_lightning.utils.cycling import cycle_to
+from ldm_lightning.utils.images import save_grid, save_png, to_unit
+
+__all__ = [
+    "SAMPLING_KEYS",
+    "batch_conditions",
+    "conditions_from_data",
+    "generate",
+    "sampling_options",
+    "write_samples",
+]
+
+# The sampler settings the entry points pass on to LatentDiffusionModule.sample (None: the
+# checkpoint's model.sampling).
+SAMPLING_KEYS = ("sampler", "steps", "eta", "timestep_spacing", "guidance_scale",
+                 "guidance_rescale")
+
+
+def sampling_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`SAMPLING_KEYS` of an entry point's config, as ``sample`` arguments."""
+    return {key: config[key] for key in SAMPLING_KEYS}
+
+
+def batch_conditions(
+    num_samples: int,
+    batch_size: int,
+    labels: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+) -> Iterator[dict[str, list[Any]]]:
+    """Per-batch ``labels``/``prompts`` inputs, each list cycled to ``num_samples`` first."""
+    condition = {"labels": cycle_to(labels, num_samples), "prompts": cycle_to(prompts, num_samples)}
+    for start in range(0, num_samples, batch_size):
+        stop = min(start + batch_size, num_samples)
+        yield {k: v[start:stop] for k, v in condition.items() if v is not None}
+
+
+def conditions_from_data(
+    module: pl.LightningModule, datamodule: Any, split: str, batch_size: int
+) -> Iterator[dict[str, Any]]:
+    """Per-batch sampling inputs (labels/prompts) cycled from the real images of ``split``.
+
+    Conditional models are sampled with the conditions of the real data, so FID compares
+    like with like; unconditional models (and modules without a conditioner) get no inputs.
+    """
+    conditioner = getattr(module, "conditioner", None)
+    if conditioner is None or not conditioner.is_conditional:
+        return itertools.repeat({})
+    loader = DataLoader(datamodule.build_split(split, augment=False), batch_size=batch_size)
+    # Re-iterate the loader rather than itertools.cycle, which would keep every batch (images
+    # included) in memory for the whole run.
+    batches = (batch for _ in itertools.count() for batch in loader)
+    return (conditioner.sampling_inputs(batch, batch_size) for batch in batches)
+
+
+@torch.no_grad()
+def generate(
+    module: pl.LightningModule,
+    num_samples: int,
+    batch_size: int,
+    conditions: Iterator[dict[str, Any]] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **sampling: Any,
+) -> Iterator[torch.Tensor]:
+    """Batches of samples ``[b, 3, H, W]`` in [-1, 1]; batch ``i`` uses seed ``seed + i``.
+
+    ``conditions`` yields one dict of ``labels``/``prompts`` per batch (cut to the batch);
+    ``sampling``: ``sampler``, ``steps``, ``eta``, ``guidance_scale``, ... of
+    :meth:`LatentDiffusionModule.sample` (None: the checkpoint's defaults).
+    """
+    conditions = conditions if conditions is not None else itertools.repeat({})
+    starts = range(0, num_samples, batch_size)
+    for index, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
+        n = min(batch_size, num_samples - start)
+        condition = {k: v[:n] for k, v in next(conditions).items()}
+        yield module.sample(n=n, seed=seed + index, **sampling, **condition)
+
+
+def write_samples(images: torch.Tensor, out_dir: str | Path, nrow: int | None = None) -> Path:
+    """``grid.png`` and ``samples/00000.png, ...`` under ``out_dir``; returns the grid path."""
+    out_dir = Path(out_dir)
+    for index, image in enumerate(images):
+        save_png(to_unit(image), out_dir / "samples" / f"{index:05d}.png")
+    return save_grid(images, out_dir / "grid.png", nrow)
