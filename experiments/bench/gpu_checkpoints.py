@@ -42,26 +42,27 @@ def log(*parts: object) -> None:
     print(time.strftime("%H:%M:%S"), *parts, flush=True)
 
 
+def killed_vs_uninterrupted(work: Path, name: str, overrides: list[str], every_n: int,
+                            kill_at: tuple[int, int]) -> dict:
+    """Step counts of an uninterrupted run and of one SIGKILLed twice and resumed."""
+    run_cli(work / f"{name}_reference", overrides, killed=False)
+    reference = step_counts(load_last(work / f"{name}_reference"))
+    resumed = step_counts(kill_twice_and_resume(work / f"{name}_killed", overrides, every_n,
+                                                kill_at=kill_at))
+    result = {"uninterrupted": reference, "killed_twice_resumed": resumed,
+              "equal": reference == resumed}
+    log(name, result)
+    return result
+
+
 def on_gpu(out: Path) -> dict:
     work = Path(tempfile.mkdtemp())
     report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     gpu = ["trainer=gpu"]
-    ae = [*AUTOENCODER, *gpu]
-    run_cli(work / "ae_reference", ae, killed=False)
-    reference = step_counts(load_last(work / "ae_reference"))
-    resumed = step_counts(kill_twice_and_resume(work / "ae_killed", ae, 3, kill_at=(12, 20)))
-    report["autoencoder"] = {"uninterrupted": reference, "killed_twice_resumed": resumed,
-                             "equal": reference == resumed}
-    log("autoencoder", report["autoencoder"])
-
+    report["autoencoder"] = killed_vs_uninterrupted(work, "ae", [*AUTOENCODER, *gpu], 3, (12, 20))
     ae_ckpt = work / "ae_reference" / "checkpoints" / "last.ckpt"
     ldm = [*DIFFUSION, *gpu, f"model.first_stage.ckpt_path={ae_ckpt}"]
-    run_cli(work / "ldm_reference", ldm, killed=False)
-    reference = step_counts(load_last(work / "ldm_reference"))
-    resumed = step_counts(kill_twice_and_resume(work / "ldm_killed", ldm, 2, kill_at=(7, 11)))
-    report["ldm"] = {"uninterrupted": reference, "killed_twice_resumed": resumed,
-                     "equal": reference == resumed}
-    log("ldm", report["ldm"])
+    report["ldm"] = killed_vs_uninterrupted(work, "ldm", ldm, 2, (7, 11))
 
     ckpt = work / "ldm_reference" / "checkpoints" / "last.ckpt"
     for_cpu = out / "for_cpu"
