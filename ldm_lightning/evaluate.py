@@ -36,8 +36,8 @@ from ldm_lightning.metrics.fid import (
 )
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import (
+    build_stage,
     checkpoint_kind,
-    load_stage,
     read_checkpoint,
     run_config_path,
 )
@@ -118,7 +118,6 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
     """Evaluate ``cfg.ckpt_path``; returns what ``metrics.json`` holds."""
     checkpoint = read_checkpoint(cfg.ckpt_path, trust=cfg.trust_checkpoint)
     kind = checkpoint_kind(checkpoint)
-    del checkpoint
     if kind not in MODULES:
         raise ValueError(
             f"ckpt_path={cfg.ckpt_path} is a {kind} checkpoint; evaluate takes an autoencoder "
@@ -131,7 +130,8 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             f"{list(OPTIONAL_METRICS)}"
         )
     device = resolve_device(cfg.device)
-    module = load_stage(MODULES[kind], cfg.ckpt_path, kind, trust=cfg.trust_checkpoint)
+    module = build_stage(MODULES[kind], checkpoint, kind, cfg.ckpt_path)
+    del checkpoint
     module.to(device)
     data_cfg, data_source = data_config(cfg, cfg.ckpt_path, cli_overrides)
     datamodule = hydra.utils.instantiate(data_cfg)
@@ -194,12 +194,8 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
         "metrics": results,
     }
     if kind == "latent_diffusion":
-        sampling = {**(module.hparams.sampling or {})}
         report["sampling"] = {
-            "sampler": cfg.sampler or sampling.get("sampler"),
-            "steps": cfg.steps or sampling.get("steps"),
-            "eta": sampling.get("eta") if cfg.eta is None else cfg.eta,
-            "timestep_spacing": cfg.timestep_spacing or sampling.get("timestep_spacing"),
+            **module.sampling_settings(cfg.sampler, cfg.steps, cfg.eta, cfg.timestep_spacing),
             "guidance_scale": cfg.guidance_scale,
             "guidance_rescale": cfg.guidance_rescale,
             "seed": cfg.seed,

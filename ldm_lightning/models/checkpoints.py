@@ -123,6 +123,18 @@ def load_stage(
     its weights, as ``LightningModule.load_from_checkpoint`` does, but reads the file once.
     """
     checkpoint = read_checkpoint(path, config_key, trust)
+    return build_stage(cls, checkpoint, kind, path, config_key, **overrides)
+
+
+def build_stage(
+    cls: type[M],
+    checkpoint: dict[str, Any],
+    kind: str,
+    path: str | Path,
+    config_key: str = "ckpt_path",
+    **overrides: Any,
+) -> M:
+    """:func:`load_stage` for a checkpoint dict already read from ``path``."""
     require_kind(checkpoint, kind, path, config_key)
     hparams = {**checkpoint.get("hyper_parameters", {}), **overrides}
     module = cls(**hparams)

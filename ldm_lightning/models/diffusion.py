@@ -233,6 +233,21 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         return adamw_with_warmup(self, self.hparams.optimizer, defaults)
 
     # ------------------------------------------------------------------ sampling
+    def sampling_settings(
+        self,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        timestep_spacing: str | None = None,
+    ) -> dict[str, Any]:
+        """The sampler settings :meth:`sample` runs with: the arguments given, else the
+        checkpoint's ``model.sampling``, else DDIM, 50 steps, eta 0, trailing spacing."""
+        given = {"sampler": sampler, "steps": steps, "eta": eta,
+                 "timestep_spacing": timestep_spacing}
+        settings = {"sampler": "ddim", "steps": 50, "eta": 0.0, "timestep_spacing": "trailing",
+                    **(self.hparams.sampling or {})}
+        return {**settings, **{k: v for k, v in given.items() if v is not None}}
+
     @torch.no_grad()
     def sample(
         self,
@@ -264,13 +279,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         ``model.sampling`` saved with the checkpoint.
         """
         self.latent_norm.check_fitted()
-        defaults = {
-            "sampler": "ddim",
-            "steps": 50,
-            "eta": 0.0,
-            "timestep_spacing": "trailing",
-            **(self.hparams.sampling or {}),
-        }
+        settings = self.sampling_settings(sampler, steps, eta, timestep_spacing)
         cond, uncond = self.conditioner.for_sampling(
             n, labels, prompts, negative_prompts, unconditional
         )
@@ -284,15 +293,15 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             model_fn,
             shape,
             self.schedule,
-            sampler or defaults["sampler"],
-            steps or defaults["steps"],
-            defaults["eta"] if eta is None else eta,
+            settings["sampler"],
+            settings["steps"],
+            settings["eta"],
             self.prediction,
             generator=torch.Generator().manual_seed(seed),
             device=self.device,
             progress=progress,
             return_trajectory=return_trajectory,
-            timestep_spacing=timestep_spacing or defaults["timestep_spacing"],
+            timestep_spacing=settings["timestep_spacing"],
         )
         z, trajectory = result if return_trajectory else (result, None)
         images = self.decode(z)
