@@ -22,7 +22,7 @@ from ldm_lightning.evaluate import evaluate
 from ldm_lightning.models import AutoencoderModule, ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import export_stage, load_stage, read_checkpoint
 from ldm_lightning.models.conditioning import TextConditioning
-from ldm_lightning.models.exported import CONFIG_FILE, RUN_CONFIG_FILE, WEIGHTS_FILE
+from ldm_lightning.models.exported import CONFIG_FILE, RUN_CONFIG_FILE, WEIGHTS_FILE, write_export
 from ldm_lightning.models.first_stage import build_first_stage
 from ldm_lightning.sample import run as sample_run
 from ldm_lightning.train import train
@@ -258,3 +258,17 @@ def test_export_command_line(stages, tmp_path) -> None:
     assert json.loads((out / CONFIG_FILE).read_text())["entries"]["ldm_lightning_kind"] == (
         "autoencoder"
     )
+
+
+def test_an_export_of_another_format_or_a_non_json_entry_is_a_clear_error(stages, tmp_path):
+    out = export_stage(stages["ae"], tmp_path / "ae")
+    config = json.loads((out / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text(json.dumps({**config, "version": 99}))
+    with pytest.raises(ValueError, match="export the checkpoint again"):
+        read_checkpoint(out, "model.first_stage.ckpt_path")
+
+    checkpoint = torch.load(stages["ae"], weights_only=True)
+    checkpoint["hyper_parameters"]["weights"] = torch.zeros(2)  # not JSON
+    with pytest.raises(ValueError, match="JSON cannot store"):
+        write_export(checkpoint, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing written
