@@ -9,7 +9,6 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from ldm_lightning.data.shapes import ShapesDataset
-from ldm_lightning.data.tokenizer import dataset_captions
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CONTEXT = 16
@@ -22,7 +21,7 @@ def write_tiny_clip(folder: Path) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator(
-        dataset_captions(ShapesDataset(200, 8)),
+        ShapesDataset(200, 8).captions(),
         trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS, EOS],
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
     )

@@ -68,3 +68,15 @@ def test_no_file_is_over_400_lines() -> None:
     }
     over = {name: n for name, n in lengths.items() if n > MAX_LINES}
     assert not over, f"split these files (one concept per module): {over}"
+
+
+def test_data_and_models_meet_only_through_the_handshake() -> None:
+    """No datamodule reaches for the model, no model for the datamodule, through the trainer;
+    they meet in ``ldm_lightning.models.connect`` (tests/test_handshake.py)."""
+    reach_ins = ("trainer.lightning_module", "trainer.datamodule")
+    offenders = {
+        path.relative_to(PACKAGE).as_posix(): [r for r in reach_ins if r in path.read_text()]
+        for folder in ("data", "models")
+        for path in sorted((PACKAGE / folder).rglob("*.py"))
+    }
+    assert {name: found for name, found in offenders.items() if found} == {}

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from ldm_lightning.data.shapes import ShapesDataset
+from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.evaluate import evaluate
 from ldm_lightning.losses.contrastive import contrastive_loss
 from ldm_lightning.models import ConditionerModule
@@ -564,15 +565,20 @@ CAPTIONED = ShapesDataset(100, 8)  # the captions of CAPTIONS
 TRAINING_STEPS = 400
 
 
+def stand_in_data(module) -> SimpleNamespace:
+    """The data source a module is connected to (ldm_lightning.models.connect)."""
+    return SimpleNamespace(
+        batch_size=4,
+        captions=lambda split: CAPTIONED.captions(),  # a text encoder learns its tokenizer
+        latent_stats=lambda num_batches: LatentStats.of(
+            module.latent_encoder().encode(batch["image"]) for batch in FIT_BATCHES[:num_batches]
+        ),
+    )
+
+
 def stand_in_trainer() -> SimpleNamespace:
     """What the modules read from their trainer at fit start and in configure_optimizers."""
-    datamodule = SimpleNamespace(
-        batch_size=4,
-        train_dataloader=lambda: iter(FIT_BATCHES),
-        dataset=lambda split: CAPTIONED,  # a text encoder trained here learns its tokenizer
-    )
     return SimpleNamespace(
-        datamodule=datamodule,
         num_devices=1,
         num_nodes=1,
         accumulate_grad_batches=1,
@@ -588,6 +594,7 @@ def build_model(config: str, settings: Mapping[str, Any], tmp_path: Path):
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model)
     module.trainer = stand_in_trainer()
+    module.use_data(stand_in_data(module))
     torch.manual_seed(0)
     if family(config) == "ldm":
         # Zero-initialised output convs make an untrained UNet predict 0 whatever its settings.

@@ -5,21 +5,28 @@ Every dataset in this package yields samples as dicts::
     {"image": FloatTensor [3, H, W] in [-1, 1], "label": int, "caption": str}
 
 so every stage (autoencoder, conditioner, diffusion) reads any dataset the same way. With
-``cache_latents=True`` and a latent diffusion module in the trainer, each split is encoded
-once by the frozen first stage and served from the on-disk latent cache instead, as
+``cache_latents=True`` and a model that handed over its first stage
+(:meth:`ImageDataModule.use_latent_encoder`, done by ``ldm_lightning.models.connect``), each
+split is encoded once and served from the on-disk latent cache instead, as
 ``{"latent": FloatTensor [C, h, w], "label": int, "caption": str}``.
+
+The datamodule is the models' :class:`~ldm_lightning.data.interface.DataSource`: batch size,
+labels, class names, captions per split and latent statistics.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lightning.data.interface import CaptionedDataset, LatentEncoder
 from ldm_lightning.data.latent_cache import CacheKey, build_latent_cache
 from ldm_lightning.data.latent_dataset import LatentDataset
+from ldm_lightning.diffusion.latent_norm import LatentStats
 
 SPLITS = ("train", "val", "test")
 
@@ -58,6 +65,17 @@ class ImageDataModule(pl.LightningDataModule):
         self.cache_latents = cache_latents
         self.cache_dir = cache_dir
         self.datasets: dict[str, Dataset] = {}
+        self._encoder: LatentEncoder | None = None
+
+    def use_latent_encoder(self, encoder: LatentEncoder | None) -> None:
+        """The model's side of the handshake: what the latent cache encodes with (None: the
+        model has no first stage). Call before the splits are built."""
+        if self.cache_latents and self.datasets and encoder is not self._encoder:
+            raise RuntimeError(
+                "the datamodule's splits are built already; hand over the encoder first "
+                "(ldm_lightning.models.connect(model, datamodule) before trainer.fit)"
+            )
+        self._encoder = encoder
 
     @property
     def name(self) -> str:
@@ -95,33 +113,68 @@ class ImageDataModule(pl.LightningDataModule):
         """Number of integer labels (0 when the dataset is unlabelled)."""
         return 0
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each label in label order; None when the labels have no names."""
+        return None
+
+    def captions(self, split: str) -> list[str]:
+        """Every caption of ``split`` in item order, read without decoding images."""
+        dataset = self.dataset(split)
+        if not isinstance(dataset, CaptionedDataset):
+            raise TypeError(
+                f"{type(self).__name__}.build_split returned a {type(dataset).__name__}; "
+                "datasets must subclass ldm_lightning.data.interface.CaptionedDataset"
+            )
+        return dataset.captions()
+
+    def latent_stats(self, num_batches: int) -> LatentStats:
+        """Statistics of the unnormalised latents of the first ``num_batches`` training batches:
+        the cached latents, or the images encoded by the handed-over encoder."""
+        encoder = self._encoder
+        if encoder is None:
+            raise RuntimeError(
+                "latent statistics need the model's encoder: call "
+                "ldm_lightning.models.connect(model, datamodule) first"
+            )
+        device = next(encoder.module.parameters(), torch.empty(0)).device
+
+        def latents(batch: dict[str, Any]) -> torch.Tensor:
+            if "latent" in batch:
+                return batch["latent"].float()
+            with torch.no_grad():
+                return encoder.encode(batch["image"].to(device)).float()
+
+        batches = itertools.islice(self.train_dataloader(), num_batches)
+        return LatentStats.of(latents(batch) for batch in batches)
+
     def build_split(self, split: str, augment: bool | None = None) -> Dataset:  # pragma: no cover
         """The dataset of ``split``; ``augment`` (default: train only): random crops, flips."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        use_cache = self.cache_latents and hasattr(module, "encode_for_cache")
-        if self.cache_latents and module is not None and not use_cache:
+        use_cache = self.cache_latents and self._encoder is not None and self.trainer is not None
+        if self.cache_latents and self.trainer is not None and not use_cache:
             raise ValueError(
-                f"data.cache_latents=true, but {type(module).__name__} has no first stage to "
-                "encode with; set data.cache_latents=false for this model."
+                "data.cache_latents=true, but no model handed over a first stage to encode "
+                "with: the model has none (set data.cache_latents=false for it), or "
+                "ldm_lightning.models.connect(model, datamodule) was not called before "
+                "trainer.fit (python -m ldm_lightning.train calls it)."
             )
         for split in SPLITS:
             if split not in self.datasets:
-                self.datasets[split] = (
-                    self._cached(split, module) if use_cache else self.build_split(split)
-                )
+                self.datasets[split] = self._cached(split) if use_cache else self.build_split(split)
 
-    def _cached(self, split: str, module: pl.LightningModule) -> Dataset:
-        """Latents of ``split`` from the cache, encoded once by ``module``'s first stage.
+    def _cached(self, split: str) -> Dataset:
+        """Latents of ``split`` from the cache, encoded once by the handed-over encoder.
 
         The cache stores un-augmented images (centre crops) and, where the split flips at
         random, the latents of the mirrored images too; the dataset picks one of the two.
         """
         flip = split == "train" and bool(getattr(self, "flip", False))
+        encoder = self._encoder
         key = CacheKey(
-            autoencoder_hash=module.first_stage_hash(),
+            autoencoder_hash=encoder.cache_key,
             dataset=self.name,
             split=split,
             transforms=self.transform_signature(),
@@ -129,11 +182,11 @@ class ImageDataModule(pl.LightningDataModule):
         )
         strategy = self.trainer.strategy
         device = strategy.root_device
-        module.first_stage.to(device)
+        encoder.module.to(device)
 
         def build(rank: int):
             return build_latent_cache(
-                module.encode_for_cache,
+                encoder.encode,
                 self.build_split(split, augment=False),
                 self.cache_dir,
                 key,

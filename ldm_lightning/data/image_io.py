@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
 
+from ldm_lightning.data.interface import CaptionedDataset
 from ldm_lightning.data.transforms import ResizeCrop
 
 ON_CORRUPT = ("skip", "error")
@@ -162,7 +162,7 @@ def drop_unreadable(records: Sequence[ImageRecord], on_corrupt: str) -> list[Ima
     return [record for record in records if id(record) not in bad]
 
 
-class ImageRecordDataset(Dataset):
+class ImageRecordDataset(CaptionedDataset):
     """Images of a list of records as ``{"image", "label", "caption", **extras}`` dicts.
 
     ``image``: FloatTensor [3, S, S] in [-1, 1] from ``transform`` (S = ``transform.size``).
@@ -182,6 +182,9 @@ class ImageRecordDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def captions(self) -> list[str]:
+        return [record.caption for record in self.records]
 
     def _decode(self, record: ImageRecord) -> Image.Image | None:
         try:

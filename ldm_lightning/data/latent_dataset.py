@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
+from ldm_lightning.data.interface import CaptionedDataset
 from ldm_lightning.data.latent_cache import LatentCache
 
 
-class LatentDataset(Dataset):
+class LatentDataset(CaptionedDataset):
     """Items of a :class:`LatentCache`: ``{"latent": [C, h, w] float32, "label", "caption"}``.
 
     With ``random_flip`` each item returns ``E(x)`` or ``E(flip(x))`` with probability 1/2,
@@ -34,6 +34,9 @@ class LatentDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def captions(self) -> list[str]:
+        return list(self.cache.captions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source = self.cache.latents

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ldm_lightning.data.base import ImageDataModule
+from ldm_lightning.data.interface import CaptionedDataset
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -119,7 +119,7 @@ def render(spec: ShapeSpec, size: int, antialias: int = 4) -> torch.Tensor:
     return torch.from_numpy(image * 2.0 - 1.0)
 
 
-class ShapesDataset(Dataset):
+class ShapesDataset(CaptionedDataset):
     """``length`` procedurally drawn images of one split; item ``i`` is the same on every call."""
 
     def __init__(
@@ -140,6 +140,9 @@ class ShapesDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images")
         return random_spec(np.random.default_rng((self.seed, _SPLIT_IDS[self.split], index)))
+
+    def captions(self) -> list[str]:
+        return [self.spec(i).caption for i in range(self.length)]
 
     def __getitem__(self, index: int) -> dict:
         spec = self.spec(index)
@@ -171,6 +174,11 @@ class ShapesDataModule(ImageDataModule):
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES
+
+    @property
+    def class_names(self) -> list[str]:
+        """``"<colour> <shape>"`` of each label."""
+        return [" ".join(reversed(describe_label(label))) for label in range(NUM_CLASSES)]
 
     def build_split(self, split: str, augment: bool | None = None) -> ShapesDataset:
         # Shapes are drawn at random already; there is no augmentation to switch.

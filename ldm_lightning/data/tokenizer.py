@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from torch.utils.data import Dataset
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -133,18 +132,3 @@ class CaptionTokenizer:
         """The normalised text of one id sequence ``[L]``; special tokens are dropped."""
         values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return self.tokenizer.decode(values, skip_special_tokens=True).strip()
-
-
-def dataset_captions(dataset: Dataset) -> list[str]:
-    """Every caption of ``dataset``, read without decoding images where the dataset allows.
-
-    Knows the latent cache (``cache.captions``), record lists (``records[i].caption``) and
-    procedural datasets (``spec(i).caption``); any other dataset is iterated item by item.
-    """
-    if hasattr(dataset, "cache") and hasattr(dataset.cache, "captions"):
-        return list(dataset.cache.captions)
-    if hasattr(dataset, "records"):
-        return [record.caption for record in dataset.records]
-    if hasattr(dataset, "spec"):
-        return [dataset.spec(i).caption for i in range(len(dataset))]
-    return [dataset[i]["caption"] for i in range(len(dataset))]

@@ -92,9 +92,9 @@ class LatentNormalizer:
     def fitted(self) -> bool:
         return self.scale is not None
 
-    def fit(self, latents: Iterable[Tensor]) -> LatentNormalizer:
-        """Estimate the scale from unnormalised latents ``[B, C, h, w]``; returns self."""
-        self.scale = LatentStats.of(latents).inverse_std()
+    def fit(self, stats: LatentStats) -> LatentNormalizer:
+        """Take the scale from the statistics of unnormalised latents; returns self."""
+        self.scale = stats.inverse_std()
         return self
 
     def normalize(self, z: Tensor) -> Tensor:

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm_lightning.diffusion.latent_norm import LatentNormalizer
+from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.losses.autoencoder import AutoencoderLoss
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.models.checkpoints import SafeLoading, read_checkpoint, stamp
+from ldm_lightning.models.handshake import DataUser
 from ldm_lightning.models.optim import scaled_learning_rate, schedule_lambda
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.first_stage import FirstStage
@@ -56,7 +57,7 @@ class LazyPerceptual:
         return self.net(x, y)
 
 
-class AutoencoderModule(SafeLoading, FirstStage, pl.LightningModule):
+class AutoencoderModule(SafeLoading, DataUser, FirstStage, pl.LightningModule):
     """A :class:`FirstStage` with its GAN training loop. See the module docstring.
 
     Args:
@@ -124,11 +125,11 @@ class AutoencoderModule(SafeLoading, FirstStage, pl.LightningModule):
         self, batches: Iterable[dict[str, torch.Tensor]], max_batches: int = 16
     ) -> float:
         """``1 / std(z)`` of this autoencoder's latents over up to ``max_batches`` batches
-        (:class:`~ldm_lightning.diffusion.latent_norm.LatentNormalizer`)."""
+        (:class:`~ldm_lightning.diffusion.latent_norm.LatentStats`)."""
         images = (
             batch["image"].to(self.device) for batch in itertools.islice(batches, max_batches)
         )
-        return LatentNormalizer().fit(self.encode(x) for x in images).scale
+        return LatentStats.of(self.encode(x) for x in images).inverse_std()
 
     # ------------------------------------------------------------------ training
     def configure_model(self) -> None:

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm_lightning.data.tokenizer import dataset_captions
 from ldm_lightning.losses.contrastive import contrastive_loss
 from ldm_lightning.metrics.retrieval import recall_over_distinct
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.first_stage import FirstStageHolder
+from ldm_lightning.models.handshake import training_captions
 from ldm_lightning.models.optim import adamw_with_warmup
 from ldm_lightning.nn.condition_encoders import CaptionEncoder, ClassEncoder, check_labels
 from ldm_lightning.nn.image_encoder import LatentImageEncoder
@@ -90,16 +90,8 @@ class ConditionerModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit" or not isinstance(self.encoder, CaptionEncoder):
             return
-        if self.encoder.tokenizer is not None:
-            return
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
-            raise ValueError(
-                "the text conditioner learns its tokenizer from the datamodule's training "
-                "captions: pass datamodule=... to fit, or call "
-                "module.encoder.fit_tokenizer(captions) first"
-            )
-        self.encoder.fit_tokenizer(dataset_captions(datamodule.dataset("train")))
+        if self.encoder.tokenizer is None:
+            self.encoder.fit_tokenizer(training_captions(self._data))
 
     def conditions(self, batch: dict[str, Any]) -> tuple[Any, Tensor]:
         """The encoder's input for a batch and an integer group id per item ``[B]``."""

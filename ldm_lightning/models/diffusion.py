@@ -8,7 +8,6 @@ Orchestration only: schedules, samplers, guidance and the UNet live in their own
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any
 
@@ -151,13 +150,12 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         apply_speed_switches([self.unet], self.hparams.compile, self.hparams.channels_last)
 
     def on_fit_start(self) -> None:
-        self.conditioner.prepare(self.trainer.datamodule)
+        self.conditioner.prepare(self._data)
         self.noise_generator = rank_generator(self)
         if not self.latent_norm.fitted:
             # Over the first ``scale_factor_batches`` training batches; rank 0's for all ranks.
-            loader = self.trainer.datamodule.train_dataloader()
-            batches = itertools.islice(loader, self.hparams.scale_factor_batches)
-            self.latent_norm.fit(self.unscaled_latents(batch) for batch in batches)
+            data = self.data_source("the latent scale factor (model.scale_factor: null)")
+            self.latent_norm.fit(data.latent_stats(self.hparams.scale_factor_batches))
             state = self.trainer.strategy.broadcast(self.latent_norm.state(), src=0)
             self.latent_norm.load_state(state)
             log.info("Latent scale factor estimated from data: %.5f", self.scale_factor)

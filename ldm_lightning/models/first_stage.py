@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm_lightning.data.interface import LatentEncoder
 from ldm_lightning.models.checkpoints import read_checkpoint, require_kind, stage_sha256
+from ldm_lightning.models.handshake import DataUser
 from ldm_lightning.nn.first_stage import FirstStage, IdentityFirstStage, is_first_stage_key
 
 CONFIG_KEY = "model.first_stage.ckpt_path"
@@ -96,13 +98,13 @@ def without_autoencoder_training_keys(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class FirstStageHolder:
+class FirstStageHolder(DataUser):
     """Mixin of the stages trained on a frozen first stage (conditioner, latent diffusion).
 
     Gives them the first stage (:meth:`attach_first_stage`; in eval mode whatever the stage's
-    mode), the datamodule's side of the latent cache (:meth:`encode_for_cache`,
-    :meth:`first_stage_hash`) and the loading of checkpoints that still hold a whole
-    autoencoder (:func:`without_autoencoder_training_keys`).
+    mode), their side of the data handshake (:meth:`latent_encoder`: the latent cache encodes
+    with the first stage, keyed on its weights) and the loading of checkpoints that still hold
+    a whole autoencoder (:func:`without_autoencoder_training_keys`).
     """
 
     first_stage: nn.Module
@@ -115,14 +117,14 @@ class FirstStageHolder:
         self.first_stage, record = build_first_stage(**config)
         self.hparams.first_stage = {**config, **record}
 
-    @torch.no_grad()
-    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
-        """Unnormalised first-stage latents ``[B, C, h, w]`` (what the latent cache stores)."""
-        return self.first_stage.encode(images)
-
-    def first_stage_hash(self) -> str:
-        """Identity of the first stage's weights; the latent cache keys on it."""
-        return self.hparams.first_stage["sha256"]
+    def latent_encoder(self) -> LatentEncoder:
+        """The first stage's ``encode`` (unnormalised latents, what the latent cache stores),
+        keyed on the sha256 of its weights ("identity" in pixel space)."""
+        return LatentEncoder(
+            encode=torch.no_grad()(self.first_stage.encode),
+            cache_key=self.hparams.first_stage["sha256"] or "identity",
+            module=self.first_stage,
+        )
 
     def train(self, mode: bool = True) -> Any:
         """Train mode for the stage; the frozen first stage stays in eval mode."""

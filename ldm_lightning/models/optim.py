@@ -10,19 +10,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ldm_lightning.models.handshake import DataUser
+
 log = logging.getLogger(__name__)
 
 
-def scaled_learning_rate(module: pl.LightningModule, base_lr: float, scale_lr: bool) -> float:
+def scaled_learning_rate(module: DataUser, base_lr: float, scale_lr: bool) -> float:
     """CompVis' rule: ``lr = base_lr * batch * devices * nodes * accumulate`` when ``scale_lr``.
 
     Keeps the per-sample step size fixed when the global batch grows (LDM's configs state
-    ``base_learning_rate``; main.py multiplies it out). Without a trainer, ``base_lr``.
+    ``base_learning_rate``; main.py multiplies it out). Without a trainer, ``base_lr``. The
+    batch is the connected datamodule's (:func:`~ldm_lightning.models.handshake.connect`).
     """
     if not scale_lr or module._trainer is None:
         return float(base_lr)
     trainer = module.trainer
-    batch = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule else 1
+    batch = module.data_source("model.optimizer.scale_lr=true (it scales by the batch)").batch_size
     scale = batch * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
     return float(base_lr) * scale
 

@@ -85,6 +85,7 @@ def test_datamodule_batches_and_errors() -> None:
 def test_latent_cache_settings_are_checked() -> None:
     import pytorch_lightning as pl
 
+    from ldm_lightning.models import connect
     from tests.models.test_autoencoder_module import tiny
 
     with pytest.raises(ValueError, match=r"cache_latents=true needs data.cache_dir"):
@@ -105,5 +106,7 @@ def test_latent_cache_settings_are_checked() -> None:
         enable_checkpointing=False,
         max_steps=1,
     )
-    with pytest.raises(ValueError, match=r"AutoencoderModule has no first stage to encode with"):
-        trainer.fit(tiny(), datamodule=data)
+    model = tiny()
+    connect(model, data)  # an autoencoder hands over no encoder
+    with pytest.raises(ValueError, match=r"no model handed over a first stage.*cache_latents"):
+        trainer.fit(model, datamodule=data)

@@ -13,23 +13,17 @@ from ldm_lightning.data.tokenizer import (
     MIN_VOCAB_SIZE,
     PAD_ID,
     CaptionTokenizer,
-    dataset_captions,
 )
 
 
 @pytest.fixture(scope="module")
 def shapes_captions() -> list[str]:
-    return dataset_captions(ShapesDataset(200, 8))
+    return ShapesDataset(200, 8).captions()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(shapes_captions) -> CaptionTokenizer:
     return CaptionTokenizer.train(shapes_captions, vocab_size=400, context_length=16)
-
-
-def test_dataset_captions_reads_the_items_captions_without_rendering():
-    dataset = ShapesDataset(12, 8)
-    assert dataset_captions(dataset) == [dataset[i]["caption"] for i in range(12)]
 
 
 def test_round_trip_of_training_captions_unseen_words_and_unicode(tokenizer, shapes_captions):

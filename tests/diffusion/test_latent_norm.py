@@ -39,7 +39,7 @@ def test_no_batches_and_constant_latents() -> None:
 
 def test_normalizer_scales_by_one_over_std_and_round_trips_its_state() -> None:
     batches = latents()
-    normalizer = LatentNormalizer().fit(iter(batches))
+    normalizer = LatentNormalizer().fit(LatentStats.of(batches))
     z = torch.cat(batches)
     assert normalizer.normalize(z).double().std(correction=0).item() == pytest.approx(1.0)
     torch.testing.assert_close(normalizer.denormalize(normalizer.normalize(z)), z)

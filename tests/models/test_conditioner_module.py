@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from ldm_lightning.data.shapes import ShapesDataset
-from ldm_lightning.data.tokenizer import dataset_captions
 from ldm_lightning.losses.contrastive import contrastive_loss
 from ldm_lightning.metrics.retrieval import recall_over_distinct, retrieval_recall
 from ldm_lightning.models import ConditionerModule
@@ -27,7 +26,7 @@ def text_module(**overrides) -> ConditionerModule:
         embed_dim=8,
         **overrides,
     )
-    module.encoder.fit_tokenizer(dataset_captions(ShapesDataset(100, 8)))
+    module.encoder.fit_tokenizer(ShapesDataset(100, 8).captions())
     return module
 
 

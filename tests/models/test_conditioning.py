@@ -7,7 +7,6 @@ import torch
 
 import ldm_lightning.models.diffusion as diffusion_module
 from ldm_lightning.data.shapes import ShapesDataset
-from ldm_lightning.data.tokenizer import dataset_captions
 from ldm_lightning.models import ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import stamp
 from ldm_lightning.models.conditioning import (
@@ -19,7 +18,7 @@ from ldm_lightning.models.conditioning import (
 )
 
 TEXT = {"vocab_size": 400, "context_length": 16, "layers": 1, "heads": 2}
-CAPTIONS = dataset_captions(ShapesDataset(100, 8))
+CAPTIONS = ShapesDataset(100, 8).captions()
 
 
 def conditioning_config(kind: str, **arguments) -> dict:

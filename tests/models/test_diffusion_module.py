@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ldm_lightning.data.latent_dataset import LatentDataset
 from ldm_lightning.data.shapes import ShapesDataModule
-from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
+from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule, connect
 from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.train import train
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
@@ -203,10 +203,11 @@ def test_datamodule_serves_cached_latents_equal_to_encoding(
         cache_latents=True,
         cache_dir=str(tmp_path / "cache"),
     )
+    connect(model, data)
     pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, data)
     cached = data.dataset("val")
     assert isinstance(cached, LatentDataset)
     images = torch.stack([data.build_split("val", augment=False)[i]["image"] for i in range(4)])
     torch.testing.assert_close(
-        torch.stack([cached[i]["latent"] for i in range(4)]), model.encode_for_cache(images)
+        torch.stack([cached[i]["latent"] for i in range(4)]), model.latent_encoder().encode(images)
     )

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm_lightning.data.interface import DataSource
 from ldm_lightning.utils.cycling import cycle_to
 
 T = TypeVar("T")
@@ -74,8 +74,9 @@ class Conditioning(nn.Module):
         """Config entries that rebuild a loaded encoder without its source (a file, the hub)."""
         return {}
 
-    def prepare(self, datamodule: pl.LightningDataModule) -> None:
-        """Fit what is learned from the data before training (call at the start of fit)."""
+    def prepare(self, data: DataSource | None) -> None:
+        """Fit what is learned from the data before training (call at the start of fit);
+        ``data`` is None when the model was not connected to a datamodule."""
 
     # ------------------------------------------------------------------ the kind's steps
     def check(self, conditions: Any) -> Any:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm_lightning.data.tokenizer import dataset_captions
+from ldm_lightning.data.interface import DataSource
 from ldm_lightning.models.checkpoints import load_stage, stage_sha256
 from ldm_lightning.models.conditioner import ConditionerModule
 from ldm_lightning.models.conditioning.base import Conditioning, expand
+from ldm_lightning.models.handshake import training_captions
 from ldm_lightning.nn.condition_encoders import CaptionEncoder
 
 TEXT_KEY = "model.conditioning.text_ckpt_path"
@@ -125,10 +125,10 @@ class TextConditioning(CaptionConditioning):
     def record(self) -> dict[str, Any]:
         return dict(self._record)
 
-    def prepare(self, datamodule: pl.LightningDataModule) -> None:
+    def prepare(self, data: DataSource | None) -> None:
         """Learn the tokenizer of an encoder trained from scratch from the training captions."""
         if self.text.tokenizer is None:
-            self.text.fit_tokenizer(dataset_captions(datamodule.dataset("train")))
+            self.text.fit_tokenizer(training_captions(data))
 
 
 def load_caption_encoder(path: str, trust: bool = False) -> CaptionEncoder:
