@@ -133,8 +133,10 @@ def test_checkpoint_carries_the_tokenizer(tmp_path):
 
 
 def test_class_encoder_errors_name_the_valid_range():
-    with pytest.raises(ValueError, match="num_classes must be at least 1, got None"):
+    with pytest.raises(ValueError, match="ClassEncoder.*missing.*'num_classes'.*model.encoder"):
         ConditionerModule(encoder={"_target_": ENCODERS["class"]}, first_stage={"identity": True})
+    with pytest.raises(ValueError, match="num_classes must be at least 1, got None"):
+        ConditionerModule(encoder="class", first_stage={"identity": True})  # of before
     module = ConditionerModule(
         encoder={"_target_": ENCODERS["class"], "num_classes": 4}, width=8,
         first_stage={"identity": True}, embed_dim=4, image_encoder={"channels": [8]},
