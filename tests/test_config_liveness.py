@@ -116,8 +116,8 @@ Entry = Live | Inert | Elsewhere
 # Observations (OBSERVERS). Models: structure (state_dict names and shapes), weights (state_dict
 # values), loss (the training loss of a fixed batch in train mode, fixed seeds), codebook (the VQ
 # codebook after one training forward), sample (LDM.sample(n=2, seed=0)), log_images (the image
-# logger's grids), optimizer (class, betas, weight decay, rate over 400 steps), speed (compiled nets,
-# channels_last weights), recompute (UNet module calls in one training step), trainable (the
+# logger's grids), optimizer (class, betas, weight decay, rate over 400 steps), speed (compiled
+# nets, channels_last weights), recompute (UNet module calls in one training step), trainable (the
 # parameters that require gradients). Entry points:
 # samples (the PNGs sample.run writes), report (metrics.json less what it repeats from the
 # config, and the files evaluate writes), progress (a progress bar on stderr), devices (where

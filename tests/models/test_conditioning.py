@@ -9,8 +9,8 @@ import ldm_lightning.models.diffusion as diffusion_module
 from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.data.tokenizer import dataset_captions
 from ldm_lightning.models import ConditionerModule, LatentDiffusionModule
-from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.models.checkpoints import stamp
+from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.models.conditioning import (
     KINDS,
     ClassConditioning,

@@ -20,8 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm_lightning.models import ConditionerModule, LatentDiffusionModule
-from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.models.conditioning import (
     KINDS,
     ClassConditioning,

@@ -242,7 +242,8 @@ def test_conditioner_checkpoints_of_the_string_encoder_load(tmp_path: Path) -> N
         loaded = load_stage(ConditionerModule, old, "conditioner")
         assert loaded.hparams.encoder == module.hparams.encoder  # saved as today's
         assert "text" not in loaded.hparams and "num_classes" not in loaded.hparams
-        torch.testing.assert_close(loaded.encoder(condition)[1], module.eval().encoder(condition)[1])
+        expected = module.eval().encoder(condition)[1]
+        torch.testing.assert_close(loaded.encoder(condition)[1], expected)
     # The LDM's text conditioning reads the old text conditioner too.
     old = previous_conditioner_layout(write_checkpoint(text, tmp_path / "text.ckpt"),
                                       tmp_path / "old_text.ckpt", TEXT)
