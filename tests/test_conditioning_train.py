@@ -18,9 +18,9 @@ from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 TINY_DATA = [o for o in TINY_AUTOENCODER if o.startswith(("data.", "trainer.", "logger"))]
 TINY_CLIP = [
     "model.width=16",
-    "model.text.vocab_size=400",
-    "model.text.layers=1",
-    "model.text.heads=2",
+    "model.encoder.vocab_size=400",
+    "model.encoder.layers=1",
+    "model.encoder.heads=2",
     "model.image_encoder.channels=[8,16]",
     "model.embed_dim=8",
 ]
@@ -130,7 +130,8 @@ def test_conditional_experiments_compose_from_their_base(experiment, kind, tmp_p
 
 
 def test_class_conditioner_config_builds_a_class_encoder(tmp_path):
-    cfg = compose_config(["+experiment=shapes_clip", "model=conditioner_class",
-                          "model.num_classes=18", "model.first_stage.identity=true"], tmp_path)
+    cfg = compose_config(["data=shapes", "model=conditioner_class",
+                          "model.encoder.num_classes=18", "model.first_stage.identity=true"],
+                         tmp_path)
     module = hydra.utils.instantiate(cfg.model)
     assert module.encoder.embedding.num_embeddings == 19

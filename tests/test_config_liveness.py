@@ -50,6 +50,7 @@ from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.evaluate import evaluate
 from ldm_lightning.losses.contrastive import contrastive_loss
 from ldm_lightning.models import ConditionerModule
+from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.nn.condition_encoders import CaptionEncoder
 from ldm_lightning.sample import run as sample_run
 from tests.checkpoint_utils import foreign_copy, perturbed_copy, write_checkpoint
@@ -58,6 +59,7 @@ from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.losses.test_perceptual import no_network  # noqa: F401 - a fixture
 from tests.models.test_conditioning import CAPTIONS, TEXT, conditioning_config, tiny_ldm
 from tests.models.test_diffusion_module import TINY_LDM
+from tests.models.test_parts import TinyBackbone
 from tests.nn.test_unet import _randomise as randomise_zero_parameters
 from tests.test_conditioning_train import TINY_CLIP
 from tests.test_evaluate import EXTRACTOR, TINY_DATA, checkpoints  # noqa: F401 - a fixture
@@ -65,8 +67,10 @@ from tests.test_evaluate import EXTRACTOR, TINY_DATA, checkpoints  # noqa: F401 
 CONF = Path(__file__).parents[1] / "conf"
 CONDITIONING = "model/conditioning"  # a group of model/ldm; each option is a config here
 ENTRY_CONFIGS = ("sample", "evaluate")
-SKIPPED = {"_target_", "_convert_", "_partial_", "_recursive_"}  # instantiate's, not ours
-SKIPPED_TOP = {"defaults", "hydra"}  # the defaults list and Hydra's own settings
+SKIPPED = {"_convert_", "_partial_", "_recursive_"}  # instantiate's, not ours
+# The defaults list, Hydra's own settings and the class instantiate builds; a nested _target_
+# (model.optimizer, model.unet, model.encoder) chooses a part the module builds: ours.
+SKIPPED_TOP = {"defaults", "hydra", "_target_"}
 
 
 # ---------------------------------------------------------------------------- table entries
@@ -113,8 +117,8 @@ Entry = Live | Inert | Elsewhere
 # Observations (OBSERVERS). Models: structure (state_dict names and shapes), weights (state_dict
 # values), loss (the training loss of a fixed batch in train mode, fixed seeds), codebook (the VQ
 # codebook after one training forward), sample (LDM.sample(n=2, seed=0)), log_images (the image
-# logger's grids), optimizer (betas, weight decay, rate over 400 steps), speed (compiled nets,
-# channels_last weights), recompute (UNet module calls in one training step), trainable (the
+# logger's grids), optimizer (class, betas, weight decay, rate over 400 steps), speed (compiled
+# nets, channels_last weights), recompute (UNet module calls in one training step), trainable (the
 # parameters that require gradients). Entry points:
 # samples (the PNGs sample.run writes), report (metrics.json less what it repeats from the
 # config, and the files evaluate writes), progress (a progress bar on stderr), devices (where
@@ -127,9 +131,11 @@ def refused_unless_trusted(observe: str, context: dict[str, Any]) -> Live:
     return Live(observe, False, base=True, context=context, raises="trust_checkpoint=true")
 
 
-def optimizer_probes(scale_lr: bool, weight_decay: bool = True) -> dict[str, Entry]:
-    """The ``optimizer.*`` keys: the rates, betas and decay Lightning would step with."""
+def optimizer_probes(other: str, scale_lr: bool, weight_decay: bool = True) -> dict[str, Entry]:
+    """The ``optimizer.*`` keys: the class (``other`` instead of the config's), rates, betas and
+    decay Lightning would step with."""
     probes: dict[str, Entry] = {
+        "optimizer._target_": Live("optimizer", other),
         "optimizer.base_lr": Live("optimizer", 1.0e-3),
         "optimizer.scale_lr": Live("optimizer", not scale_lr),  # batch 4: 4x the rate
         "optimizer.betas": Live("optimizer", [0.8, 0.95]),
@@ -228,7 +234,7 @@ AUTOENCODER: dict[str, Entry] = {
         "loss", True, context={"loss.perceptual_weight": 1.0},
         raises="pretrained_backbone=false", fixtures=("no_network",),
     ),
-    **optimizer_probes(scale_lr=True, weight_decay=False),
+    **optimizer_probes("torch.optim.AdamW", scale_lr=True, weight_decay=False),
     "num_log_images": Live("log_images", 2),
     "gradient_clip_val": Elsewhere(
         "tests/test_scale.py::test_autoencoder_gradient_clipping_bounds_each_optimizers_norm",
@@ -276,6 +282,7 @@ FIRST_STAGE: dict[str, Entry] = {
 LDM: dict[str, Entry] = {
     "image_size": Live("sample", 32),
     **FIRST_STAGE,
+    "unet._target_": Live("structure", f"{TinyBackbone.__module__}.{TinyBackbone.__qualname__}"),
     # null follows the first stage's latent channels, the only value that works.
     "unet.in_channels": Live("structure", 4, raises="in_channels=4"),
     "unet.out_channels": Live("structure", 4, raises="out_channels=4"),
@@ -291,7 +298,7 @@ LDM: dict[str, Entry] = {
     "min_snr_gamma": Live("loss", 1.0, context={"loss_weighting": "min_snr"}),
     "scale_factor": Live("loss", 0.5),  # null: estimated at fit start
     "scale_factor_batches": Live("loss", 1),
-    **optimizer_probes(scale_lr=True),
+    **optimizer_probes("torch.optim.Adam", scale_lr=True),
     "sampling.sampler": Live("sample", "ddpm"),
     "sampling.steps": Live("sample", 2),
     "sampling.eta": Live("sample", 1.0),
@@ -314,7 +321,7 @@ CONDITIONER: dict[str, Entry] = {
     "embed_dim": Live("structure", 4),
     "init_temperature": Live("weights", 0.5),
     "max_logit_scale": Live("loss", 5.0),  # below exp(log(1/0.07)) = 14.3
-    **optimizer_probes(scale_lr=False),
+    **optimizer_probes("torch.optim.Adam", scale_lr=False),
 }
 TEXT_ENCODER: dict[str, Entry] = {
     "text.vocab_size": Live("structure", 300),
@@ -324,25 +331,21 @@ TEXT_ENCODER: dict[str, Entry] = {
     "text.mlp_ratio": Live("structure", 2.0),
     "text.dropout": Live("loss", 0.5),
 }
+ENCODER_TARGET = Elsewhere(
+    "tests/models/test_parts.py::test_the_config_files_choose_the_encoder_class",
+    "conditioner_text builds a CaptionEncoder, conditioner_class a ClassEncoder (another "
+    "_target_ with other arguments: test_another_encoder_class_is_one_target_away)",
+)
 CONDITIONER_TEXT: dict[str, Entry] = {
     **CONDITIONER,
-    **TEXT_ENCODER,
-    "encoder": Live("structure", "class", context={"num_classes": 18}),
+    "encoder._target_": ENCODER_TARGET,
+    **{f"encoder.{key.removeprefix('text.')}": probe for key, probe in TEXT_ENCODER.items()},
 }
 CONDITIONER_CLASS: dict[str, Entry] = {
     **CONDITIONER,
-    **{
-        key: Inert(
-            "a text-encoder setting inherited from conditioner_text.yaml; encoder=class builds "
-            "no text encoder",
-            probe.observe,
-            probe.value,
-        )
-        for key, probe in TEXT_ENCODER.items()
-    },
-    "encoder": Live("structure", "text"),
-    "num_classes": Live("structure", 10),
-    "num_tokens": Live("structure", 2),
+    "encoder._target_": ENCODER_TARGET,
+    "encoder.num_classes": Live("structure", 10),
+    "encoder.num_tokens": Live("structure", 2),
 }
 
 
@@ -491,7 +494,10 @@ TINY = {
         "model.first_stage.identity=true",
     ],
     "conditioner_text": TINY_CONDITIONER,
-    "conditioner_class": [*TINY_CONDITIONER, "model.num_classes=18"],
+    "conditioner_class": [
+        *(o for o in TINY_CONDITIONER if not o.startswith("model.encoder.")),
+        "model.encoder.num_classes=18",
+    ],
     "sample": ["num_samples=3", "batch_size=2"],
     "evaluate": [
         f"feature_extractor={EXTRACTOR}", "progress=false", "num_samples=4", "batch_size=3",
@@ -620,7 +626,7 @@ def trainable(module) -> list[str]:
 
 
 def optimizer(module) -> list[Any]:
-    """Per optimizer: betas, weight decay and the rate every 10 steps of training."""
+    """Per optimizer: its class, betas, weight decay and the rate every 10 steps of training."""
     configured = module.configure_optimizers()
     if isinstance(configured, dict):
         pairs = [(configured["optimizer"], configured["lr_scheduler"]["scheduler"])]
@@ -631,7 +637,7 @@ def optimizer(module) -> list[Any]:
         group = opt.param_groups[0]
         steps = range(0, TRAINING_STEPS, 10)
         rates = [group["initial_lr"] * scheduler.lr_lambdas[0](step) for step in steps]
-        trace.append([list(group["betas"]), group["weight_decay"], rates])
+        trace.append([type(opt).__name__, list(group["betas"]), group["weight_decay"], rates])
     return trace
 
 
@@ -873,8 +879,9 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     class_ldm = tiny_ldm(conditioning_config("class", num_classes=18, class_route="both", width=8))
     text_ldm = tiny_ldm(conditioning_config("text", width=8, text=TEXT))
     text_ldm.conditioner.text.fit_tokenizer(CAPTIONS)
-    clip = ConditionerModule(encoder="text", width=16, text=TEXT, first_stage={"identity": True},
-                             embed_dim=8, image_encoder={"channels": [8]})
+    clip = ConditionerModule(encoder={"_target_": ENCODERS["text"], **TEXT}, width=16,
+                             first_stage={"identity": True}, embed_dim=8,
+                             image_encoder={"channels": [8]})
     clip.encoder.fit_tokenizer(CAPTIONS)
     clip_ckpt = write_checkpoint(clip, root / "clip.ckpt")
     return {

@@ -68,6 +68,7 @@ def test_unet_sizes_match_their_references(
     unet = OmegaConf.to_container(
         compose_config([f"+experiment={experiment}"], tmp_path).model.unet
     )
+    assert unet.pop("_target_") == f"{UNetModel.__module__}.{UNetModel.__qualname__}"
     unet["in_channels"] = unet["out_channels"] = 3
     count = sum(p.numel() for p in UNetModel(**unet).parameters()) / 1e6
     assert millions[0] < count < millions[1]

@@ -14,7 +14,6 @@ under ``loss.*``.
 from __future__ import annotations
 
 import itertools
-import logging
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,11 +29,14 @@ from ldm_lightning.losses.autoencoder import AutoencoderLoss
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.models.checkpoints import SafeLoading, read_checkpoint, stamp
 from ldm_lightning.models.handshake import DataUser
-from ldm_lightning.models.optim import scaled_learning_rate, schedule_lambda
+from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.first_stage import FirstStage
 
-log = logging.getLogger(__name__)
+# model.optimizer of a config (or checkpoint) that leaves them out (CompVis' vq-f4).
+OPTIMIZER = {
+    "_target_": "torch.optim.Adam", "base_lr": 4.5e-6, "scale_lr": True, "betas": (0.5, 0.9)
+}
 
 
 class LazyPerceptual:
@@ -64,8 +66,8 @@ class AutoencoderModule(SafeLoading, DataUser, FirstStage, pl.LightningModule):
         loss: :class:`~ldm_lightning.losses.autoencoder.AutoencoderLoss` arguments (weights,
             ``disc_start``, discriminator size).
         perceptual: LPIPS arguments (:func:`~ldm_lightning.losses.perceptual.build_lpips`).
-        optimizer: ``base_lr``, ``scale_lr``, ``betas``, ``schedule`` (see
-            :meth:`configure_optimizers`).
+        optimizer: ``_target_`` (Adam) and its arguments (``betas``, ...) with the rate keys
+            ``base_lr``, ``scale_lr``, ``schedule``, ... (see :meth:`configure_optimizers`).
         num_log_images: reconstructions in the logged image grid.
         gradient_clip_val: max global L2 norm of each optimizer's gradients; None: off.
         compile, channels_last: speed switches of the encoder and decoder.
@@ -138,30 +140,16 @@ class AutoencoderModule(SafeLoading, DataUser, FirstStage, pl.LightningModule):
         )
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
-        """Adam for the autoencoder and for the discriminator, each with the schedule of
-        ``optimizer`` (:func:`~ldm_lightning.models.optim.lr_factor`; ``constant`` as CompVis),
-        stepped once per training batch."""
-        cfg = {
-            "base_lr": 4.5e-6,
-            "scale_lr": True,
-            "betas": (0.5, 0.9),
-            "schedule": "constant",
-            **(self.hparams.optimizer or {}),
-        }
-        lr = scaled_learning_rate(self, cfg["base_lr"], cfg["scale_lr"])
-        log.info("Autoencoder learning rate %.3g", lr)
+        """``model.optimizer`` (:func:`~ldm_lightning.models.optim.build_optimizer`; Adam as
+        CompVis) for the autoencoder and for the discriminator, each with its schedule
+        (``constant`` as CompVis), stepped once per training batch."""
         disc_params = set(map(id, self.loss.discriminator.parameters()))
         gen_params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc_params]
-        opt_g = torch.optim.Adam(gen_params, lr=lr, betas=tuple(cfg["betas"]))
-        opt_d = torch.optim.Adam(
-            self.loss.discriminator.parameters(), lr=lr, betas=tuple(cfg["betas"])
-        )
-        factor = schedule_lambda(self, cfg)
-        schedulers = [
-            {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}
-            for opt in (opt_g, opt_d)
+        built = [
+            build_optimizer(self, params, self.hparams.optimizer, OPTIMIZER)
+            for params in (gen_params, self.loss.discriminator.parameters())
         ]
-        return [opt_g, opt_d], schedulers
+        return [opt for opt, _ in built], [scheduler for _, scheduler in built]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()

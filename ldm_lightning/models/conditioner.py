@@ -13,6 +13,7 @@ recall@1/@5 over the distinct captions of the split (per rank,
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,29 +26,83 @@ from ldm_lightning.metrics.retrieval import recall_over_distinct
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.first_stage import FirstStageHolder
 from ldm_lightning.models.handshake import training_captions
-from ldm_lightning.models.optim import adamw_with_warmup
+from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.nn.condition_encoders import CaptionEncoder, ClassEncoder, check_labels
 from ldm_lightning.nn.image_encoder import LatentImageEncoder
+from ldm_lightning.utils.targets import resolve_class
 
-ENCODERS = ("class", "text")
+# model.encoder of a config without one, and the `encoder: class | text` of checkpoints of before.
+ENCODERS = {
+    "text": "ldm_lightning.nn.condition_encoders.CaptionEncoder",
+    "class": "ldm_lightning.nn.condition_encoders.ClassEncoder",
+}
+ENCODER_HINT = (
+    "choose it with model=conditioner_text or model=conditioner_class (model/encoder=<text | "
+    "class>), or set model.encoder._target_ to a torch.nn.Module subclass taking width and "
+    "model.encoder's other keys"
+)
+# model.optimizer of a config (or checkpoint) that leaves them out.
+OPTIMIZER = {"_target_": "torch.optim.AdamW", "base_lr": 5e-4, "betas": (0.9, 0.98)}
+
+
+def encoder_config(
+    encoder: Mapping[str, Any] | str | None,
+    text: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    num_tokens: int | None = None,
+) -> dict[str, Any]:
+    """``model.encoder`` as a dict with ``_target_``: the config's, or the caption encoder for
+    None, or, for a checkpoint written before encoders were classes, its ``encoder: text``
+    (arguments in ``text``) or ``encoder: class`` (``num_classes``, ``num_tokens``)."""
+    if isinstance(encoder, str):
+        if encoder not in ENCODERS:
+            raise ValueError(f"model.encoder={encoder!r} is unknown; {ENCODER_HINT}")
+        if encoder == "text":
+            return {"_target_": ENCODERS["text"], **(text or {})}
+        return {"_target_": ENCODERS["class"], "num_classes": num_classes,
+                "num_tokens": num_tokens or 1}
+    given = [k for k, v in {"text": text, "num_classes": num_classes,
+                            "num_tokens": num_tokens}.items() if v is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: the settings of a model.encoder string of before; set them in "
+            "the model.encoder dict (e.g. model.encoder.num_classes=18)"
+        )
+    return {"_target_": ENCODERS["text"], **dict(encoder or {})}
+
+
+def build_encoder(config: Mapping[str, Any], width: int) -> nn.Module:
+    """The condition encoder of ``config`` (``_target_`` resolved by
+    :func:`~ldm_lightning.utils.targets.resolve_class`, the other keys its arguments) with
+    context width ``width``."""
+    arguments = dict(config)
+    cls = resolve_class(arguments.pop("_target_"), nn.Module, "condition encoder", ENCODER_HINT)
+    try:
+        return cls(width=width, **arguments)
+    except TypeError as error:
+        raise ValueError(f"model.encoder: {cls.__name__} {error}; {ENCODER_HINT}") from error
 
 
 class ConditionerModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     """A class or caption encoder, pretrained CLIP-style. See the module docstring.
 
     Args:
-        encoder: "class" or "text".
+        encoder: the condition encoder: ``_target_`` (:class:`CaptionEncoder`,
+            :class:`ClassEncoder`, or another ``torch.nn.Module`` with their interface) and its
+            arguments other than ``width``; None: a default :class:`CaptionEncoder`.
         width: context width ``D`` (the diffusion UNet's ``context_dim``).
-        text: :class:`CaptionEncoder` arguments other than ``width`` (vocab_size,
-            context_length, layers, heads, mlp_ratio, dropout).
-        num_classes, num_tokens: :class:`ClassEncoder` arguments.
         first_stage: ``{"ckpt_path": ...}`` of the frozen autoencoder
             (:func:`~ldm_lightning.models.first_stage.build_first_stage`).
         image_encoder: :class:`LatentImageEncoder` arguments other than the channels in and out.
         embed_dim: width of the joint image/caption embedding space.
         init_temperature: initial softmax temperature (CLIP: 0.07).
         max_logit_scale: clamp of ``exp(t)`` (CLIP: 100).
-        optimizer: ``base_lr``, ``scale_lr``, ``betas``, ``weight_decay``, ``warmup_steps``.
+        optimizer: ``_target_`` (AdamW) and its arguments with the rate keys ``base_lr``,
+            ``scale_lr``, ``warmup_steps``, ...
+            (:func:`~ldm_lightning.models.optim.build_optimizer`).
+        text, num_classes, num_tokens: checkpoints written before encoders were classes
+            (``encoder: "text" | "class"``); read by :func:`encoder_config`, saved as today's
+            ``encoder`` dict.
     """
 
     kind = "conditioner"
@@ -55,30 +110,24 @@ class ConditionerModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     def __init__(
         self,
         *,
-        encoder: str = "text",
+        encoder: Mapping[str, Any] | str | None = None,
         width: int = 128,
-        text: dict[str, Any] | None = None,
-        num_classes: int | None = None,
-        num_tokens: int = 1,
         first_stage: dict[str, Any] | None = None,
         image_encoder: dict[str, Any] | None = None,
         embed_dim: int = 128,
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         optimizer: dict[str, Any] | None = None,
+        text: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        num_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        if encoder not in ENCODERS:
-            raise ValueError(f"model.encoder={encoder!r} is unknown; valid: {ENCODERS}")
-        if encoder == "class" and not num_classes:
-            raise ValueError("model.encoder=class needs model.num_classes (e.g. 18 for shapes)")
-        self.save_hyperparameters()
+        config = encoder_config(encoder, text, num_classes, num_tokens)
+        self.save_hyperparameters(ignore=["text", "num_classes", "num_tokens"])
+        self.hparams.encoder = config
         self.attach_first_stage(first_stage)
-        self.encoder: ClassEncoder | CaptionEncoder = (
-            CaptionEncoder(width=width, **(text or {}))
-            if encoder == "text"
-            else ClassEncoder(num_classes, width, num_tokens)
-        )
+        self.encoder = build_encoder(config, width)
         self.image_encoder = LatentImageEncoder(
             self.first_stage.latent_channels, out_dim=embed_dim, **(image_encoder or {})
         )
@@ -174,8 +223,9 @@ class ConditionerModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         self._outputs = []
 
     def configure_optimizers(self) -> dict[str, Any]:
-        defaults = {"base_lr": 5e-4, "betas": (0.9, 0.98)}
-        return adamw_with_warmup(self, self.hparams.optimizer, defaults)
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer, scheduler = build_optimizer(self, params, self.hparams.optimizer, OPTIMIZER)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint, self.kind, self)

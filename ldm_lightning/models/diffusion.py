@@ -8,12 +8,14 @@ Orchestration only: schedules, samplers, guidance and the UNet live in their own
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ldm_lightning.diffusion import (
     PREDICTIONS,
@@ -28,19 +30,36 @@ from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.first_stage import FirstStageHolder
-from ldm_lightning.models.optim import adamw_with_warmup
+from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
-from ldm_lightning.nn.unet import UNetModel
+from ldm_lightning.utils.targets import resolve_class
 
 log = logging.getLogger(__name__)
+# model.unet of a config (or checkpoint) without _target_.
+BACKBONE = "ldm_lightning.nn.unet.UNetModel"
+BACKBONE_HINT = (
+    "set model.unet._target_ to a torch.nn.Module subclass taking the UNet's arguments "
+    f"(in_channels, out_channels, context_dim, ...; {BACKBONE})"
+)
+# model.optimizer of a config (or checkpoint) that leaves them out.
+OPTIMIZER = {"_target_": "torch.optim.AdamW", "base_lr": 1e-4, "betas": (0.9, 0.999)}
+
+
+def default_argument(cls: type, name: str) -> Any:
+    """The default of ``cls``'s constructor argument ``name``; None when it has none."""
+    parameter = inspect.signature(cls).parameters.get(name)
+    return None if parameter is None or parameter.default is parameter.empty else parameter.default
 
 
 class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
-        unet: keyword arguments of :class:`~ldm_lightning.nn.unet.UNetModel`; ``in_channels``
-            and ``out_channels`` default to the first stage's latent channels.
+        unet: the backbone: ``_target_``, a ``torch.nn.Module`` subclass (default
+            :class:`~ldm_lightning.nn.unet.UNetModel`, also for checkpoints without it), and its
+            keyword arguments; ``in_channels`` and ``out_channels`` default to the first
+            stage's latent channels, and the conditioning adds its own (``context_dim``,
+            ``num_classes``). With ``channel_mult``, the latents must divide by its levels.
         first_stage: ``{"ckpt_path": ..., "identity": false}`` (see ``build_first_stage``).
         image_size: pixel resolution of the data.
         schedule: ``NoiseSchedule.make`` arguments (``kind``, ``timesteps``, ``beta_start``,
@@ -50,8 +69,10 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         scale_factor: latent scale; ``None`` estimates ``1/std(z)`` from ``scale_factor_batches``
             training batches before training and stores it in the checkpoint
             (:class:`~ldm_lightning.diffusion.latent_norm.LatentNormalizer`).
-        optimizer: ``base_lr``, ``scale_lr`` (CompVis' batch scaling), ``betas``,
-            ``weight_decay``, ``warmup_steps`` (linear warm-up).
+        optimizer: ``_target_`` (AdamW) and its arguments (``betas``, ``weight_decay``, ...)
+            with the rate keys ``base_lr``, ``scale_lr`` (CompVis' batch scaling),
+            ``warmup_steps``, ``schedule``, ``min_lr_ratio``
+            (:func:`~ldm_lightning.models.optim.build_optimizer`).
         sampling: defaults for validation samples and :meth:`sample` (``sampler``, ``steps``,
             ``eta``, ``timestep_spacing``).
         conditioning: the config of a :class:`~ldm_lightning.models.conditioning.Conditioning`:
@@ -95,6 +116,8 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
 
         channels = self.first_stage.latent_channels
         unet = dict(unet)
+        target = unet.pop("_target_", BACKBONE)
+        backbone = resolve_class(target, nn.Module, "backbone", BACKBONE_HINT)
         for key in ("in_channels", "out_channels"):  # missing or null: follow the first stage
             if unet.get(key) is None:
                 unet[key] = channels
@@ -115,15 +138,15 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
                 f"factor f={factor}"
             )
         self.latent_size = image_size // factor
-        unet_factor = 2 ** (len(unet.get("channel_mult", (1, 2, 4, 8))) - 1)
+        channel_mult = unet.get("channel_mult", default_argument(backbone, "channel_mult"))
+        unet_factor = 2 ** (len(channel_mult or (1,)) - 1)
         if self.latent_size % unet_factor:
             raise ValueError(
                 f"latents are {self.latent_size}x{self.latent_size} (image_size {image_size} / f "
                 f"{factor}), not divisible by the UNet's downsampling {unet_factor} "
-                f"(channel_mult={list(unet.get('channel_mult'))}); use fewer UNet levels or "
-                "larger images."
+                f"(channel_mult={list(channel_mult)}); use fewer UNet levels or larger images."
             )
-        self.unet = UNetModel(**unet)
+        self.unet = backbone(**unet)
         self.schedule = NoiseSchedule.make(**{"kind": "linear", **(schedule or {})})
         self.prediction = prediction
         self.latent_norm = LatentNormalizer(scale_factor)
@@ -227,8 +250,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             self.log("scale_factor", self.scale_factor, on_epoch=True, batch_size=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        defaults = {"base_lr": 1e-4, "betas": (0.9, 0.999)}
-        return adamw_with_warmup(self, self.hparams.optimizer, defaults)
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer, scheduler = build_optimizer(self, params, self.hparams.optimizer, OPTIMIZER)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ sampling
     def sampling_settings(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from ldm_lightning.models.handshake import DataUser
+from ldm_lightning.utils.targets import resolve_class
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +81,55 @@ def schedule_lambda(module: pl.LightningModule, cfg: dict[str, Any]) -> Callable
     return lambda step: lr_factor(step, warmup, total, schedule, min_ratio)
 
 
-def adamw_with_warmup(
-    module: pl.LightningModule, settings: dict[str, Any] | None, defaults: dict[str, Any]
-) -> dict[str, Any]:
-    """AdamW on the trainable parameters with a warm-up and decay, as Lightning's optimizer dict.
+RATE_KEYS = ("base_lr", "scale_lr", "warmup_steps", "schedule", "min_lr_ratio")
+HINT = (
+    "set model.optimizer._target_ to a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW, "
+    "torch.optim.SGD) with the arguments it takes"
+)
 
-    ``settings`` (``base_lr``, ``scale_lr``, ``betas``, ``weight_decay``, ``warmup_steps``,
-    ``schedule``, ``min_lr_ratio``) override ``defaults``; the rate is
-    :func:`scaled_learning_rate` times :func:`lr_factor`: it rises linearly from
-    ``1/warmup_steps`` of it to all of it over the first ``warmup_steps`` optimizer steps, then
-    stays (``constant``) or decays to ``min_lr_ratio`` of it by the end of training.
+
+def optimizer_settings(settings: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
+    """``settings`` completed by ``defaults`` (a ``_target_``, its arguments and rate keys).
+
+    Settings without ``_target_`` (checkpoints of before it) are the defaults' class. Another
+    class than the defaults' takes only the defaults' rate keys (:data:`RATE_KEYS`), not their
+    arguments (SGD has no ``betas``).
     """
-    cfg = {
-        "scale_lr": False,
-        "weight_decay": 0.0,
-        "warmup_steps": 0,
-        **defaults,
-        **(settings or {}),
+    settings = dict(settings or {})
+    target = settings.setdefault("_target_", defaults["_target_"])
+    inherited = {
+        k: v for k, v in defaults.items() if target == defaults["_target_"] or k in RATE_KEYS
     }
-    lr = scaled_learning_rate(module, cfg["base_lr"], cfg["scale_lr"])
-    log.info("%s learning rate %.3g", type(module).__name__, lr)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambda(module, cfg))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    return {"scale_lr": False, **inherited, **settings}
+
+
+def build_optimizer(
+    module: pl.LightningModule,
+    params: Iterable[torch.nn.Parameter],
+    settings: Mapping[str, Any] | None,
+    defaults: Mapping[str, Any],
+) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """The optimiser of ``settings`` on ``params`` and its Lightning scheduler dict.
+
+    ``settings`` (``model.optimizer``, see :func:`optimizer_settings` for ``defaults``) name
+    the class with ``_target_`` (``_partial_: true``: the parameters and rate are given here),
+    resolved by :func:`~ldm_lightning.utils.targets.resolve_class`; the rate keys
+    (:data:`RATE_KEYS`) set its rate, :func:`scaled_learning_rate` times :func:`lr_factor`: it
+    rises linearly from ``1/warmup_steps`` of it to all of it over the first ``warmup_steps``
+    optimizer steps, then stays (``constant``) or decays to ``min_lr_ratio`` of it by the end
+    of training. The other keys (``betas``, ``weight_decay``, ...) are the class's arguments
+    (YAML lists as tuples).
+    """
+    cfg = optimizer_settings(settings, defaults)
+    rates = {k: cfg.pop(k) for k in RATE_KEYS if k in cfg}
+    cfg.pop("_partial_", None)
+    cls = resolve_class(cfg.pop("_target_"), torch.optim.Optimizer, "torch optimizer", HINT)
+    arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    lr = scaled_learning_rate(module, rates["base_lr"], rates["scale_lr"])
+    log.info("%s: %s, learning rate %.3g", type(module).__name__, cls.__name__, lr)
+    try:
+        optimizer = cls(params, lr=lr, **arguments)
+    except TypeError as error:
+        raise ValueError(f"model.optimizer: {cls.__name__} {error}; {HINT}") from error
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambda(module, rates))
+    return optimizer, {"scheduler": scheduler, "interval": "step"}

@@ -42,7 +42,7 @@ class ClassEncoder(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 128, num_tokens: int = 1) -> None:
         super().__init__()
-        if num_classes < 1:
+        if not num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
         self.null_index = num_classes

@@ -11,6 +11,7 @@ from ldm_lightning.losses.contrastive import contrastive_loss
 from ldm_lightning.metrics.retrieval import recall_over_distinct, retrieval_recall
 from ldm_lightning.models import ConditionerModule
 from ldm_lightning.models.checkpoints import load_stage, stamp
+from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.nn.image_encoder import LatentImageEncoder
 
 TINY_TEXT = {"vocab_size": 400, "context_length": 12, "layers": 1, "heads": 2}
@@ -18,9 +19,8 @@ TINY_TEXT = {"vocab_size": 400, "context_length": 12, "layers": 1, "heads": 2}
 
 def text_module(**overrides) -> ConditionerModule:
     module = ConditionerModule(
-        encoder="text",
+        encoder={"_target_": ENCODERS["text"], **TINY_TEXT},
         width=16,
-        text=TINY_TEXT,
         first_stage={"identity": True},
         image_encoder={"channels": [8, 16]},
         embed_dim=8,
@@ -132,11 +132,13 @@ def test_checkpoint_carries_the_tokenizer(tmp_path):
 
 
 def test_class_encoder_errors_name_the_valid_range():
-    with pytest.raises(ValueError, match="needs model.num_classes"):
-        ConditionerModule(encoder="class", first_stage={"identity": True})
+    with pytest.raises(ValueError, match="ClassEncoder.*missing.*'num_classes'.*model.encoder"):
+        ConditionerModule(encoder={"_target_": ENCODERS["class"]}, first_stage={"identity": True})
+    with pytest.raises(ValueError, match="num_classes must be at least 1, got None"):
+        ConditionerModule(encoder="class", first_stage={"identity": True})  # of before
     module = ConditionerModule(
-        encoder="class", num_classes=4, width=8, first_stage={"identity": True}, embed_dim=4,
-        image_encoder={"channels": [8]},
+        encoder={"_target_": ENCODERS["class"], "num_classes": 4}, width=8,
+        first_stage={"identity": True}, embed_dim=4, image_encoder={"channels": [8]},
     )
     batch = {"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([1, 4])}
     with pytest.raises(ValueError, match="valid labels are 0..3"):

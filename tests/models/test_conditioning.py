@@ -9,6 +9,7 @@ import ldm_lightning.models.diffusion as diffusion_module
 from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.models import ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import stamp
+from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.models.conditioning import (
     KINDS,
     ClassConditioning,
@@ -189,7 +190,7 @@ def test_conditions_repeat_to_fill_n_samples_and_validation_inputs_cycle():
 
 
 def test_frozen_text_encoder_from_checkpoint_and_its_record(tmp_path):
-    pretrained = ConditionerModule(encoder="text", width=16, text=TEXT,
+    pretrained = ConditionerModule(encoder={"_target_": ENCODERS["text"], **TEXT}, width=16,
                                    first_stage={"identity": True}, embed_dim=8,
                                    image_encoder={"channels": [8]})
     pretrained.encoder.fit_tokenizer(CAPTIONS)

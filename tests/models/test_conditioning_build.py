@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from ldm_lightning.models import ConditionerModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.models.conditioning import (
     KINDS,
     ClassConditioning,
@@ -52,8 +53,9 @@ OLD_KIND = {"none": "none", "class": "class", "text": "text", "pretrained_text":
 def sources(tmp_path_factory) -> dict[str, Path]:
     """A text conditioner checkpoint and a tiny transformers CLIP folder."""
     root = tmp_path_factory.mktemp("sources")
-    clip = ConditionerModule(encoder="text", width=16, text=TEXT, first_stage={"identity": True},
-                             embed_dim=8, image_encoder={"channels": [8]})
+    clip = ConditionerModule(encoder={"_target_": ENCODERS["text"], **TEXT}, width=16,
+                             first_stage={"identity": True}, embed_dim=8,
+                             image_encoder={"channels": [8]})
     clip.encoder.fit_tokenizer(CAPTIONS)
     return {"conditioner": write_checkpoint(clip, root / "clip.ckpt"),
             "pretrained": write_tiny_clip(root / "tiny_clip")}
