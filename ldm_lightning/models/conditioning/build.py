@@ -14,10 +14,7 @@ with ``kind`` and no ``_target_`` is read that way: ``kind`` picks the class (``
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import inspect
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +23,7 @@ from ldm_lightning.models.conditioning.classes import ClassConditioning
 from ldm_lightning.models.conditioning.none import NoConditioning
 from ldm_lightning.models.conditioning.pretrained_text import PretrainedTextConditioning
 from ldm_lightning.models.conditioning.text import TextConditioning
+from ldm_lightning.utils.targets import resolve_class
 
 KINDS: dict[str, type[Conditioning]] = {
     cls.kind: cls
@@ -41,22 +39,11 @@ CHOOSE = f"choose the kind with model/conditioning=<{' | '.join(KINDS)}>"
 
 
 def conditioning_class(target: str) -> type[Conditioning]:
-    """The :class:`Conditioning` subclass ``target`` (``package.module.Class``) names.
-
-    Only a module of ``ldm_lightning``, or one already imported, is looked in; anything that
-    is not a Conditioning subclass is refused before it is called.
-    """
-    module_name, _, name = target.rpartition(".")
-    found = None
-    if module_name.split(".")[0] == "ldm_lightning" or module_name in sys.modules:
-        with contextlib.suppress(ImportError):
-            found = getattr(importlib.import_module(module_name), name, None)
-    if not (isinstance(found, type) and issubclass(found, Conditioning)):
-        raise ValueError(
-            f"model.conditioning._target_={target!r} is not a conditioning class; {CHOOSE} (a "
-            "Conditioning subclass of ldm_lightning, or of a module imported beforehand)"
-        )
-    return found
+    """The :class:`Conditioning` subclass ``target`` (``package.module.Class``) names
+    (:func:`~ldm_lightning.utils.targets.resolve_class`: nothing else is imported or called)."""
+    return resolve_class(
+        target, Conditioning, "conditioning class", f"set model.conditioning._target_: {CHOOSE}"
+    )
 
 
 def _legacy(kind: str, config: dict[str, Any]) -> tuple[type[Conditioning], dict[str, Any]]:
