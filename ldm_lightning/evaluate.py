@@ -25,6 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm_lightning.diffusion import sampler_class
 from ldm_lightning.losses.perceptual import build_lpips
 from ldm_lightning.metrics.evaluation import format_table, score_reconstructions, score_samples
 from ldm_lightning.metrics.fid import (
@@ -194,8 +195,12 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
         "metrics": results,
     }
     if kind == "latent_diffusion":
+        settings = module.sampling_settings(cfg.sampler, cfg.steps, cfg.eta, cfg.timestep_spacing)
         report["sampling"] = {
-            **module.sampling_settings(cfg.sampler, cfg.steps, cfg.eta, cfg.timestep_spacing),
+            **settings,
+            # The sampler's name, also for a _target_ dict, which sampler_config holds.
+            "sampler": sampler_class(settings["sampler"]).name,
+            "sampler_config": settings["sampler"],
             "guidance_scale": cfg.guidance_scale,
             "guidance_rescale": cfg.guidance_rescale,
             "seed": cfg.seed,

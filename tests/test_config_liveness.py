@@ -3,8 +3,9 @@
 The keys are read from the YAML files themselves: ``conf/sample.yaml``, ``conf/evaluate.yaml``
 and every ``conf/model/*.yaml`` as Hydra composes it (its defaults included: vq.yaml into
 kl.yaml, conditioner_text.yaml into conditioner_class.yaml, each ``conf/scheduler`` option into
-ldm.yaml's ``schedule``), and every option of ldm.yaml's ``model/conditioning`` group, each a
-config of its own (``model/conditioning/<option>``, keys relative to ``model.conditioning``).
+ldm.yaml's ``schedule``, each ``conf/model/sampler`` option into its ``sampling.sampler``), and
+every option of ldm.yaml's ``model/conditioning`` group, each a config of its own
+(``model/conditioning/<option>``, keys relative to ``model.conditioning``).
 ``TABLE`` gives each ``<config>:<dotted key>`` one entry:
 
 - :class:`Live`: the tiny object is built twice, with the key's base value and with ``value``
@@ -146,6 +147,11 @@ def optimizer_probes(other: str, scale_lr: bool, weight_decay: bool = True) -> d
     if weight_decay:
         probes["optimizer.weight_decay"] = Live("optimizer", 0.1)
     return probes
+
+
+def sampler_yaml(option: str) -> dict[str, Any]:
+    """``model.sampling.sampler`` as ``model/sampler=<option>`` sets it."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / "sampler" / f"{option}.yaml"))
 
 
 CLASS_SAMPLES = {"ckpt_path": "<class_ldm>", "labels": [0, 5]}
@@ -300,6 +306,13 @@ LDM: dict[str, Entry] = {
     "scale_factor_batches": Live("loss", 1),
     **optimizer_probes("torch.optim.Adam", scale_lr=True),
     "sampling.sampler": Live("sample", "ddpm"),
+    # The options of the model/sampler group's configs (the keys beside their _target_).
+    "sampling.sampler.eta": Live(
+        "sample", 1.0, context={"sampling.sampler": sampler_yaml("ddim")}
+    ),
+    "sampling.sampler.variance": Live(
+        "sample", "fixed_large", context={"sampling.sampler": sampler_yaml("ddpm")}
+    ),
     "sampling.steps": Live("sample", 2),
     "sampling.eta": Live("sample", 1.0),
     "sampling.timestep_spacing": Live("sample", "leading"),
@@ -421,14 +434,20 @@ def model_names() -> list[str]:
 
 def group_variants(name: str) -> list[list[str]]:
     """Overrides giving every option of the groups a model config pulls in."""
-    if name == "ldm":  # defaults: /scheduler@schedule
-        options = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
-        return [[f"scheduler@model.schedule={option}"] for option in options]
+    if name == "ldm":  # defaults: /scheduler@schedule, and sampler (model.sampling.sampler)
+        return [
+            *([f"scheduler@model.schedule={option}"] for option in group_options("scheduler")),
+            *([f"model/sampler={option}"] for option in group_options("model/sampler")),
+        ]
     return [[]]
 
 
+def group_options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
 def conditioning_options() -> list[str]:
-    return sorted(path.stem for path in (CONF / CONDITIONING).glob("*.yaml"))
+    return group_options(CONDITIONING)
 
 
 def config_keys(tmp_path: Path) -> set[str]:

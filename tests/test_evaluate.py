@@ -100,6 +100,15 @@ def test_ldm_fid_equals_the_scipy_fid_of_the_same_samples(checkpoints, tmp_path)
     assert math.isfinite(report["metrics"]["kid_mean"])
 
 
+def test_the_report_names_a_sampler_given_as_a_target_dict(checkpoints, tmp_path) -> None:
+    ddpm = "ldm_lightning.diffusion.samplers.DDPMSampler"
+    cfg = eval_config(tmp_path, checkpoints["ldm"], "num_samples=2", "batch_size=2", "steps=2",
+                      f"sampler={{_target_:{ddpm},variance:fixed_large}}")
+    sampling = evaluate(cfg)["sampling"]
+    assert sampling["sampler"] == "ddpm"
+    assert sampling["sampler_config"] == {"_target_": ddpm, "variance": "fixed_large"}
+
+
 def test_autoencoder_reports_rfid_psnr_ssim_lpips_and_codebook_usage(checkpoints, tmp_path):
     cfg = eval_config(tmp_path, checkpoints["ae"], "lpips.net=vgg",
                       "lpips.pretrained_backbone=false", "batch_size=4")

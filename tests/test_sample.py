@@ -40,6 +40,27 @@ def test_run_writes_a_grid_and_one_png_per_sample_with_per_batch_seeds(
         assert (saved - (image + 1) / 2).abs().max() < 1.5 / 255
 
 
+def test_a_sampler_config_of_the_group_samples_as_its_dict(
+    ldm_run: Path,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    ckpt = ldm_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config(
+        [f"ckpt_path={ckpt}", "num_samples=2", "steps=3", "device=cpu",
+         "+model/sampler@sampler=ddpm", "sampler.variance=fixed_large"],
+        tmp_path,
+        config_name="sample",
+    )
+    run(cfg)
+    model = load_stage(LatentDiffusionModule, ckpt, "latent_diffusion")
+    sampler = {"_target_": "ldm_lightning.diffusion.samplers.DDPMSampler",
+               "variance": "fixed_large"}
+    expected = model.sample(n=2, steps=3, seed=0, sampler=sampler)
+    assert not torch.allclose(expected, model.sample(n=2, steps=3, seed=0, sampler="ddpm"))
+    saved = torchvision.io.read_image(str(tmp_path / "samples" / "00001.png")).float() / 255
+    assert (saved - (expected[1] + 1) / 2).abs().max() < 1.5 / 255
+
+
 def test_labels_for_an_unconditional_checkpoint_are_a_clear_error(
     ldm_run: Path,  # noqa: F811 - the fixture
     tmp_path: Path,

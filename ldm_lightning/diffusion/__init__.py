@@ -11,8 +11,14 @@ from ldm_lightning.diffusion.parameterization import (
 from ldm_lightning.diffusion.samplers import (
     SAMPLERS,
     TIMESTEP_SPACINGS,
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPP2MSampler,
+    Sampler,
     inference_timesteps,
+    make_sampler,
     sample,
+    sampler_class,
 )
 from ldm_lightning.diffusion.schedules import SCHEDULES, NoiseSchedule, extract
 from ldm_lightning.diffusion.weighting import WEIGHTINGS, loss_weight
@@ -23,13 +29,19 @@ __all__ = [
     "SCHEDULES",
     "TIMESTEP_SPACINGS",
     "WEIGHTINGS",
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverPP2MSampler",
     "NoiseSchedule",
+    "Sampler",
     "classifier_free_guidance",
     "extract",
     "inference_timesteps",
     "loss_weight",
+    "make_sampler",
     "predict_eps",
     "predict_x0",
     "sample",
+    "sampler_class",
     "target",
 ]

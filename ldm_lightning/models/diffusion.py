@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,6 +24,7 @@ from ldm_lightning.diffusion import (
     NoiseSchedule,
     classifier_free_guidance,
     loss_weight,
+    make_sampler,
     sample,
     target,
 )
@@ -74,7 +76,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             ``warmup_steps``, ``schedule``, ``min_lr_ratio``
             (:func:`~ldm_lightning.models.optim.build_optimizer`).
         sampling: defaults for validation samples and :meth:`sample` (``sampler``, ``steps``,
-            ``eta``, ``timestep_spacing``).
+            ``eta``, ``timestep_spacing``); ``sampler`` is a name of
+            :data:`~ldm_lightning.diffusion.SAMPLERS` or a ``{_target_: ..., **options}`` dict
+            naming a :class:`~ldm_lightning.diffusion.Sampler` (``conf/model/sampler/``).
         conditioning: the config of a :class:`~ldm_lightning.models.conditioning.Conditioning`:
             ``_target_`` (its class) and its arguments, as in ``conf/model/conditioning/``, or a
             checkpoint's ``{kind: ..., ...}`` of earlier versions; None: unconditional.
@@ -173,6 +177,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         apply_speed_switches([self.unet], self.hparams.compile, self.hparams.channels_last)
 
     def on_fit_start(self) -> None:
+        make_sampler(self.sampling_settings()["sampler"])  # refused now, not at the first samples
         self.conditioner.prepare(self._data)
         self.noise_generator = rank_generator(self)
         if not self.latent_norm.fitted:
@@ -257,24 +262,33 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     # ------------------------------------------------------------------ sampling
     def sampling_settings(
         self,
-        sampler: str | None = None,
+        sampler: str | Mapping[str, Any] | None = None,
         steps: int | None = None,
         eta: float | None = None,
         timestep_spacing: str | None = None,
     ) -> dict[str, Any]:
         """The sampler settings :meth:`sample` runs with: the arguments given, else the
-        checkpoint's ``model.sampling``, else DDIM, 50 steps, eta 0, trailing spacing."""
+        checkpoint's ``model.sampling``, else DDIM, 50 steps, eta 0, trailing spacing.
+
+        ``sampler`` is a name or a ``{_target_: ..., **options}`` dict (returned as a plain
+        dict); a dict's ``eta`` replaces ``model.sampling.eta``, and an ``eta`` given replaces
+        both."""
         given = {"sampler": sampler, "steps": steps, "eta": eta,
                  "timestep_spacing": timestep_spacing}
         settings = {"sampler": "ddim", "steps": 50, "eta": 0.0, "timestep_spacing": "trailing",
                     **(self.hparams.sampling or {})}
-        return {**settings, **{k: v for k, v in given.items() if v is not None}}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        if isinstance(settings["sampler"], Mapping):
+            spec = settings["sampler"] = dict(settings["sampler"])
+            if "eta" in spec:  # the dict's eta replaces the saved one; a given eta, both
+                spec["eta"] = settings["eta"] = spec["eta"] if eta is None else eta
+        return settings
 
     @torch.no_grad()
     def sample(
         self,
         n: int = 16,
-        sampler: str | None = None,
+        sampler: str | Mapping[str, Any] | None = None,
         steps: int | None = None,
         guidance_scale: float = 1.0,
         labels: list[int] | None = None,
@@ -297,8 +311,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         null condition. The same
         ``seed`` gives the same images on any device. With ``return_trajectory`` also the
         latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
-        ``sampler``, ``steps``, ``eta`` and ``timestep_spacing`` left None take the values of
-        ``model.sampling`` saved with the checkpoint.
+        ``sampler`` (a name or a ``_target_`` dict, see :meth:`sampling_settings`), ``steps``,
+        ``eta`` and ``timestep_spacing`` left None take the values of ``model.sampling`` saved
+        with the checkpoint.
         """
         self.latent_norm.check_fitted()
         settings = self.sampling_settings(sampler, steps, eta, timestep_spacing)

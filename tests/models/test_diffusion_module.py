@@ -8,13 +8,17 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from ldm_lightning.data.latent_dataset import LatentDataset
 from ldm_lightning.data.shapes import ShapesDataModule
+from ldm_lightning.diffusion import Sampler
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule, connect
 from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.train import train
+from tests.diffusion.test_user_sampler import euler_sampler  # noqa: F401 - a fixture
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
+from tests.nn.test_unet import _randomise as randomise_zero_parameters
 
 TINY_UNET = {
     "model_channels": 16,
@@ -100,6 +104,41 @@ def test_unknown_prediction_and_sampler_list_the_valid_ones() -> None:
         tiny_pixel_ddpm(prediction="noise")
     with pytest.raises(ValueError, match="ddpm"):
         tiny_pixel_ddpm().sample(n=1, sampler="euler", steps=2)
+
+
+DDIM = "ldm_lightning.diffusion.samplers.DDIMSampler"
+
+
+def test_model_sampling_names_a_sampler_of_ones_own_by_target(
+    euler_sampler: type[Sampler],  # noqa: F811 - the fixture
+) -> None:
+    torch.manual_seed(0)
+    target = f"{euler_sampler.__module__}.EulerX0Sampler"  # a test module's, imported
+    ldm = tiny_pixel_ddpm(sampling={"sampler": {"_target_": target}, "steps": 3})
+    randomise_zero_parameters(ldm.unet)  # else the UNet predicts 0 whatever the sampler
+    images = ldm.sample(n=2, seed=0)
+    torch.testing.assert_close(images, ldm.sample(n=2, seed=0, sampler="ddim"))  # the same ODE
+    assert not torch.allclose(images, ldm.sample(n=2, seed=0, sampler="ddpm"))
+    assert torch.equal(ldm.sample(n=2, seed=0, sampler=euler_sampler.name), images)
+
+
+def test_a_sampler_dicts_eta_replaces_the_saved_one_and_a_given_eta_both() -> None:
+    ldm = tiny_pixel_ddpm(sampling={"sampler": {"_target_": DDIM, "eta": 1.0}, "eta": 0.0})
+    assert ldm.sampling_settings()["eta"] == 1.0
+    settings = ldm.sampling_settings(eta=0.5)
+    assert settings["eta"] == settings["sampler"]["eta"] == 0.5
+    # A Hydra config from the command line comes back a plain dict (metrics.json stores it).
+    given = ldm.sampling_settings(sampler=OmegaConf.create({"_target_": DDIM}))
+    assert type(given["sampler"]) is dict and given["eta"] == 0.0
+
+
+@pytest.mark.parametrize("target", ["os.system", "torch.nn.Linear"])
+def test_a_sampler_target_that_is_not_a_sampler_is_refused(target: str) -> None:
+    ldm = tiny_pixel_ddpm(sampling={"sampler": {"_target_": target}})
+    with pytest.raises(ValueError, match="is not a sampler class.*choose one of: ddpm, ddim"):
+        ldm.sample(n=1, steps=2)
+    with pytest.raises(ValueError, match="is not a sampler class"):
+        ldm.on_fit_start()  # before training, not at the first validation samples
 
 
 def test_latents_not_divisible_by_the_unet_fail_at_start() -> None:
