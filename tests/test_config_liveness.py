@@ -313,6 +313,11 @@ LDM: dict[str, Entry] = {
     "sampling.sampler.variance": Live(
         "sample", "fixed_large", context={"sampling.sampler": sampler_yaml("ddpm")}
     ),
+    "sampling.sampler._target_": Elsewhere(
+        "tests/models/test_diffusion_module.py::"
+        "test_model_sampling_names_a_sampler_of_ones_own_by_target",
+        "a user's Sampler named by model.sampling.sampler._target_ runs in the LDM's samples",
+    ),
     "sampling.steps": Live("sample", 2),
     "sampling.eta": Live("sample", 1.0),
     "sampling.timestep_spacing": Live("sample", "leading"),
