@@ -138,6 +138,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
     datamodule = hydra.utils.instantiate(data_cfg)
     if kind == "latent_diffusion":
         check_image_size(module, datamodule)
+        module.adopt_data(datamodule)  # its classes must be the data's
     extractor = build_feature_extractor(cfg.feature_extractor).to(device)
     split = cfg.split or DEFAULT_SPLIT[kind]
     real = real_features(

@@ -1,7 +1,8 @@
 """Sample a trained latent diffusion checkpoint: ``python -m ldm_lightning.sample ckpt_path=...``.
 
-Writes ``grid.png`` and ``samples/<index>.png`` into the run directory. Batch ``b`` uses seed
-``seed + b``, so the same command gives the same images, on any device.
+Writes ``grid.png`` and ``samples/<index>.png`` into the run directory; with ``per_class=N``,
+N samples of every class in ``samples/<class name>/<index>.png`` and one grid row per class.
+Batch ``b`` uses seed ``seed + b``, so the same command gives the same images, on any device.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
-from ldm_lightning.sampling import batch_conditions, generate, sampling_options, write_samples
+from ldm_lightning.sampling import (
+    batch_conditions,
+    generate,
+    per_class_labels,
+    sampling_options,
+    write_samples,
+)
 from ldm_lightning.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -31,12 +38,14 @@ def run(cfg: DictConfig) -> Path:
     def optional(value: Any) -> Any:
         return OmegaConf.to_object(value) if value is not None else None
 
-    conditions = batch_conditions(
-        cfg.num_samples, cfg.batch_size, optional(cfg.labels), optional(cfg.prompts)
-    )
+    labels, num_samples, folders = optional(cfg.labels), cfg.num_samples, None
+    if cfg.per_class:
+        labels, folders = per_class_labels(model, cfg.per_class, labels)
+        num_samples = len(labels)
+    conditions = batch_conditions(num_samples, cfg.batch_size, labels, optional(cfg.prompts))
     batches = generate(
         model,
-        cfg.num_samples,
+        num_samples,
         cfg.batch_size,
         conditions,
         seed=cfg.seed,
@@ -46,7 +55,8 @@ def run(cfg: DictConfig) -> Path:
         unconditional=cfg.unconditional,
     )
     images = torch.cat([batch.cpu() for batch in batches])
-    grid = write_samples(images, cfg.paths.output_dir, cfg.grid_nrow)
+    nrow = cfg.grid_nrow or (cfg.per_class if cfg.per_class else None)
+    grid = write_samples(images, cfg.paths.output_dir, nrow, folders)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
     log.info("Wrote %d samples and %s", len(images), grid)
     return grid

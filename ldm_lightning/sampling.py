@@ -30,7 +30,9 @@ __all__ = [
     "SAMPLING_KEYS",
     "batch_conditions",
     "conditions_from_data",
+    "folder_name",
     "generate",
+    "per_class_labels",
     "sampling_options",
     "write_samples",
 ]
@@ -101,9 +103,45 @@ def generate(
         yield module.sample(n=n, seed=seed + index, **sampling, **condition)
 
 
-def write_samples(images: torch.Tensor, out_dir: str | Path, nrow: int | None = None) -> Path:
-    """``grid.png`` and ``samples/00000.png, ...`` under ``out_dir``; returns the grid path."""
+def per_class_labels(
+    module: pl.LightningModule, per_class: int, labels: Sequence[int | str] | None = None
+) -> tuple[list[int], list[str]]:
+    """``per_class`` labels of every class of a class-conditional ``module`` (or of each of
+    ``labels``, by index or name), and the folder name of each: its class name, else its index.
+    """
+    conditioner = getattr(module, "conditioner", None)
+    if getattr(conditioner, "inputs", None) != "labels":
+        raise ValueError("per_class needs a class-conditional checkpoint; use num_samples")
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}")
+    classes = conditioner.check(labels).tolist() if labels else range(conditioner.num_classes)
+    names = conditioner.class_names or [str(i) for i in range(conditioner.num_classes)]
+    chosen = [c for c in classes for _ in range(per_class)]
+    return chosen, [folder_name(names[c]) for c in chosen]
+
+
+def folder_name(name: str) -> str:
+    """``name`` as one path component: separators and a leading dot replaced by "_"."""
+    cleaned = "".join("_" if ch in "/\\\0" else ch for ch in name).strip()
+    return "_" + cleaned[1:] if cleaned.startswith(".") else cleaned or "_"
+
+
+def write_samples(
+    images: torch.Tensor,
+    out_dir: str | Path,
+    nrow: int | None = None,
+    folders: Sequence[str] | None = None,
+) -> Path:
+    """``grid.png`` and ``samples/00000.png, ...`` under ``out_dir``, or with ``folders`` (one per
+    image) ``samples/<folder>/00000.png, ...`` numbered per folder (the class-folder layout
+    evaluation tools read); returns the grid path."""
     out_dir = Path(out_dir)
+    counts: dict[str, int] = {}
     for index, image in enumerate(images):
-        save_png(to_unit(image), out_dir / "samples" / f"{index:05d}.png")
+        if folders is None:
+            path = out_dir / "samples" / f"{index:05d}.png"
+        else:
+            number = counts[folders[index]] = counts.get(folders[index], -1) + 1
+            path = out_dir / "samples" / folders[index] / f"{number:05d}.png"
+        save_png(to_unit(image), path)
     return save_grid(images, out_dir / "grid.png", nrow)

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_lightning.models import connect
+from ldm_lightning.models.from_data import fill_from_data
 from ldm_lightning.utils.config_tree import print_config_tree
 from ldm_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from ldm_lightning.utils.wandb import finish_wandb
@@ -59,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     log.info("Instantiating model <%s>", cfg.model._target_)
-    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    model: pl.LightningModule = hydra.utils.instantiate(fill_from_data(cfg.model, datamodule))
     connect(model, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))

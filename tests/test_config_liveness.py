@@ -182,6 +182,10 @@ SAMPLE: dict[str, Entry] = {
     "seed": Live("samples", 1),
     "device": Live("devices", "meta"),
     "grid_nrow": Live("samples", 3),  # null: int(sqrt(3)) = 1 per row
+    "per_class": Elsewhere(
+        "tests/test_class_names.py::test_per_class_writes_one_folder_per_class",
+        "N samples of every class, written to samples/<class name>/",
+    ),
 }
 
 CLASS_EVAL = {"ckpt_path": "<class_ldm>", "data.image_size": 8}  # no run config: cfg.data
@@ -376,6 +380,10 @@ UNCONDITIONAL: dict[str, Entry] = {"kind": kind_switch("class")}
 CLASS_CONDITIONING: dict[str, Entry] = {
     "kind": kind_switch("text"),
     "num_classes": Live("structure", 10),
+    "class_names": Elsewhere(
+        "tests/test_class_names.py::test_classes_come_from_the_folder_and_travel_in_the_checkpoint",
+        "names do not change the network: null takes the data's, which sampling accepts as labels",
+    ),
     "class_route": Live("structure", "both"),
     "width": Live("structure", 16, context={"class_route": "context"}),
     "num_tokens": Live("structure", 2, context={"class_route": "context"}),

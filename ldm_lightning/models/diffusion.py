@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_lightning.data.interface import DataSource
 from ldm_lightning.diffusion import (
     PREDICTIONS,
     WEIGHTINGS,
@@ -175,6 +176,15 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
 
     def configure_model(self) -> None:
         apply_speed_switches([self.unet], self.hparams.compile, self.hparams.channels_last)
+
+    def setup(self, stage: str) -> None:
+        if self._data is not None:
+            self.adopt_data(self._data)
+
+    def adopt_data(self, data: DataSource) -> None:
+        """Check ``data``'s labels against the model's and take what the config left open (the
+        class names), recorded in ``hparams.conditioning`` so the checkpoint keeps it."""
+        self.hparams.conditioning.update(self.conditioner.adopt_data(data))
 
     def on_fit_start(self) -> None:
         make_sampler(self.sampling_settings()["sampler"])  # refused now, not at the first samples

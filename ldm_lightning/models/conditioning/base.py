@@ -74,6 +74,18 @@ class Conditioning(nn.Module):
         """Config entries that rebuild a loaded encoder without its source (a file, the hub)."""
         return {}
 
+    @classmethod
+    def complete(cls, config: dict[str, Any], data: DataSource) -> dict[str, Any]:
+        """``config`` (this class's arguments) with what the data decides filled in where the
+        config leaves it null; called before the model is built."""
+        return dict(config)
+
+    def adopt_data(self, data: DataSource) -> dict[str, Any]:
+        """Check ``data`` is data this conditioning can train or be scored on (a ValueError
+        otherwise) and take from it what the config left open; returns the config entries that
+        changed, to be saved with the checkpoint."""
+        return {}
+
     def prepare(self, data: DataSource | None) -> None:
         """Fit what is learned from the data before training (call at the start of fit);
         ``data`` is None when the model was not connected to a datamodule."""

@@ -4,13 +4,22 @@
 embedding (``class_labels``, as in ADM and DiT); ``context`` cross-attends to a
 :class:`~ldm_lightning.nn.condition_encoders.ClassEncoder`'s tokens (``context``, LDM sec. 3.3);
 ``both``. Always trained jointly with the UNet.
+
+The number of classes comes from the data when the config leaves it null
+(:meth:`ClassConditioning.complete`, before the model is built), the class names when training
+starts (:meth:`ClassConditioning.adopt_data`); both are saved with the checkpoint, so sampling
+takes ``labels=["seven", 3]``: names or indices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from ldm_lightning.data.interface import DataSource
 from ldm_lightning.models.conditioning.base import Conditioning
 from ldm_lightning.nn.condition_encoders import ClassEncoder, check_labels
 
@@ -21,7 +30,8 @@ class ClassConditioning(Conditioning):
     """Labels -> ``class_labels`` [B] and/or class tokens ``context`` [B, num_tokens, width].
 
     Args:
-        num_classes: K, the number of real classes.
+        num_classes: K, the number of real classes (None: ``len(class_names)``).
+        class_names: the name of each label (None: labels are known by index only).
         class_route: "time" | "context" | "both".
         width: context width ``D`` of the class tokens (routes "context", "both").
         num_tokens: context tokens per class (routes "context", "both").
@@ -36,16 +46,24 @@ class ClassConditioning(Conditioning):
     def __init__(
         self,
         num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
         class_route: str = "time",
         width: int = 128,
         num_tokens: int = 1,
         p_uncond: float = 0.1,
     ) -> None:
         super().__init__(p_uncond)
+        if num_classes is None and class_names is not None:
+            num_classes = len(class_names)
         if not num_classes or num_classes < 1:
             raise ValueError(
                 "model/conditioning=class needs model.conditioning.num_classes (the number of "
-                "labels of the dataset, e.g. 18 for shapes)"
+                "labels of the dataset, e.g. 18 for shapes; null takes it from the datamodule)"
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"model.conditioning.class_names has {len(class_names)} names for "
+                f"num_classes={num_classes}; give one name per class, or null"
             )
         if class_route not in CLASS_ROUTES:
             raise ValueError(
@@ -53,6 +71,7 @@ class ClassConditioning(Conditioning):
                 f"{CLASS_ROUTES}"
             )
         self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else None
         self.class_route = class_route
         self.classes = (
             ClassEncoder(num_classes, width, num_tokens) if class_route != "time" else None
@@ -66,7 +85,47 @@ class ClassConditioning(Conditioning):
             kwargs["context_dim"] = self.classes.width
         return kwargs
 
-    def check(self, conditions: Tensor | list[int]) -> Tensor:
+    @classmethod
+    def complete(cls, config: dict[str, Any], data: DataSource) -> dict[str, Any]:
+        """``config`` with ``num_classes`` taken from ``data`` where null (the names, which do
+        not change the model's shape, are adopted when training starts: :meth:`adopt_data`)."""
+        config = dict(config)
+        if config.get("num_classes") is None:
+            config["num_classes"] = labelled(data).num_classes
+        return config
+
+    def adopt_data(self, data: DataSource) -> dict[str, Any]:
+        """Check that ``data``'s labels are this model's classes and take their names when the
+        model has none; returns the config entries that changed."""
+        theirs = labelled(data).class_names
+        names = self.class_names
+        if self.num_classes != data.num_classes or (names and theirs and names != list(theirs)):
+            raise ValueError(
+                f"the model's {self.num_classes} classes {_listed(names)} are not the data's "
+                f"{data.num_classes} {_listed(theirs)}: a class-conditional model trains, samples "
+                "and is scored on the labels it was trained with. Use data with the same "
+                "classes, or train a new model (model.conditioning.num_classes: null follows "
+                "the data)."
+            )
+        if names is None and theirs is not None:
+            self.class_names = list(theirs)
+            return {"class_names": self.class_names}
+        return {}
+
+    def label_index(self, label: int | str) -> int:
+        """The index of a label given by index or by name (``"3"`` is index 3 unless a class
+        is named "3")."""
+        if isinstance(label, str):
+            if self.class_names is not None and label in self.class_names:
+                return self.class_names.index(label)
+            if label.strip().lstrip("-").isdigit():
+                return int(label)
+            raise ValueError(f"unknown class name {label!r}; {self.wanted()}")
+        return int(label)
+
+    def check(self, conditions: Tensor | Sequence[int | str]) -> Tensor:
+        if not torch.is_tensor(conditions):
+            conditions = [self.label_index(label) for label in conditions]
         return check_labels(conditions, self.num_classes)
 
     def drop(self, conditions: Tensor, mask: Tensor) -> Tensor:
@@ -86,4 +145,22 @@ class ClassConditioning(Conditioning):
         return kwargs
 
     def wanted(self) -> str:
-        return f"labels=[...] in 0..{self.num_classes - 1}"
+        names = f" or names: {', '.join(self.class_names)}" if self.class_names else ""
+        return f"labels=[...]: indices 0..{self.num_classes - 1}{names}"
+
+
+def labelled(data: DataSource) -> DataSource:
+    """``data``, or a ValueError when it has no labels."""
+    if not data.num_classes:
+        raise ValueError(
+            f"model/conditioning=class needs labelled data, but {type(data).__name__} has no "
+            "labels (a flat image folder: put the images into one sub-folder per class)"
+        )
+    return data
+
+
+def _listed(names: Sequence[str] | None) -> str:
+    if not names:
+        return "(unnamed)"
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"({shown})"
