@@ -146,7 +146,7 @@ class ClassConditioning(Conditioning):
 
     def wanted(self) -> str:
         names = f" or names: {', '.join(self.class_names)}" if self.class_names else ""
-        return f"labels=[...]: indices 0..{self.num_classes - 1}{names}"
+        return f"labels=[...] in 0..{self.num_classes - 1}{names}"
 
 
 def labelled(data: DataSource) -> DataSource:
