@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader
 
 from ldm_lightning.callbacks.progress import LineProgress, format_line, progress_bar
 from ldm_lightning.callbacks.throughput import ThroughputMonitor
+from ldm_lightning.utils.instantiate import instantiate_callbacks
 from tests.callbacks.test_throughput import Linear
+from tests.hydra_utils import compose_config
 
 
 class Terminal(io.StringIO):
@@ -107,3 +109,12 @@ def test_lines_every_n_steps_and_at_epoch_ends(caplog: pytest.LogCaptureFixture)
     assert len(logged) == len(expected), logged
     for line, pattern in zip(logged, expected):
         assert re.fullmatch(pattern, line), (line, pattern)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_config_follows_trainer_enable_progress_bar(enabled: bool, tmp_path) -> None:
+    """Lightning refuses a progress bar callback with enable_progress_bar=false: none is built."""
+    cfg = compose_config([f"trainer.enable_progress_bar={str(enabled).lower()}"], tmp_path)
+    bars = [c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, ProgressBar)]
+    assert len(bars) == int(enabled)
+    pl.Trainer(callbacks=bars, enable_progress_bar=enabled, logger=False)  # accepted
