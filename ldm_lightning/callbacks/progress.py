@@ -115,12 +115,13 @@ class LineProgress(ProgressBar):
         self._enabled = True
 
     def print(self, *args: Any, sep: str = " ", **kwargs: Any) -> None:
+        """``LightningModule.print`` and the like: a log line (``print``'s other options unused)."""
         if self._enabled:
             log.info(sep.join(map(str, args)))
 
     # ---------------------------------------------------------------------------- training
     def training_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str) -> str:
-        """The line at the current step: ``label`` first (``epoch``, ``epoch ... done``)."""
+        """The line at the current step, ``label`` first (``epoch``, ``end of epoch``)."""
         epoch = f"{label} {trainer.current_epoch}"
         if trainer.max_epochs not in (None, -1):
             epoch += f"/{trainer.max_epochs - 1}"  # 0-based, as Lightning's bar and checkpoints
