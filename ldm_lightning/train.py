@@ -13,6 +13,8 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_lightning.models import connect
@@ -24,16 +26,30 @@ from ldm_lightning.utils.wandb import finish_wandb
 log = logging.getLogger(__name__)
 
 
-def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
-    """The value of ``name`` among the logged metrics, for Hydra sweepers to optimise."""
+def metric_value(metrics: dict[str, Any], name: str | None, sweep: bool = False) -> float | None:
+    """The value of ``name`` among the logged metrics, for Hydra sweepers to optimise.
+
+    Not logged (say a short run that never validated): an error in a ``sweep``, which has
+    nothing to optimise then, and otherwise a warning, and None.
+    """
     if not name:
         return None
-    if name not in metrics:
+    if name in metrics:
+        return float(metrics[name])
+    validated = any(key.startswith("val/") for key in metrics)
+    problem = (
+        f"optimized_metric={name!r} was not logged"
+        + ("" if validated else ": no validation ran")
+        + f". Logged metrics: {sorted(metrics)}."
+    )
+    if sweep:
         raise KeyError(
-            f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}. "
-            "Set optimized_metric to one of them."
+            f"{problem} The sweep optimises it: set optimized_metric to one of them, or make "
+            "validation run (trainer.check_val_every_n_epoch, +trainer.val_check_interval, "
+            "+trainer.limit_val_batches)."
         )
-    return float(metrics[name])
+    log.warning("%s Nothing to return to a sweeper; the run itself is complete.", problem)
+    return None
 
 
 def resume_path(trainer: pl.Trainer, cfg: DictConfig) -> str | None:
@@ -89,7 +105,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    return metric_value(metrics, cfg.get("optimized_metric"), sweep=sweep)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +48,18 @@ def test_a_run_writes_checkpoint_reconstruction_grid_and_psnr(tmp_path: Path) ->
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
-def test_optimized_metric_must_have_been_logged() -> None:
-    with pytest.raises(KeyError, match="was not logged"):
-        metric_value({"val/loss": 1.0}, "val/fid")
+def test_a_sweep_needs_its_optimized_metric_logged() -> None:
+    with pytest.raises(KeyError, match="was not logged.*val_check_interval"):
+        metric_value({"val/loss": 1.0}, "val/fid", sweep=True)
+
+
+def test_outside_a_sweep_a_missing_optimized_metric_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="ldm_lightning.train"):
+        assert metric_value({"train/loss": 1.0, "test/psnr": 20.0}, "val/rec_loss") is None
+    assert "optimized_metric='val/rec_loss' was not logged: no validation ran" in caplog.text
+    assert "['test/psnr', 'train/loss']" in caplog.text
 
 
 def test_resume_continues_global_step_and_optimizer_state(tmp_path: Path) -> None:
@@ -101,6 +112,38 @@ def test_command_line_entry_point(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_a_run_writing_to_a_file_logs_progress_and_warns_of_an_unlogged_metric(
+    tmp_path: Path,
+) -> None:
+    """stdout to a file (nohup, SLURM, CI): progress lines as training runs, not a rich bar at
+    the end; and a run that never validated still exits 0, warning that val/rec_loss is not
+    there."""
+    run_dir = tmp_path / "run"
+    with (tmp_path / "stdout.txt").open("w") as stdout:
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "ldm_lightning.train", "+experiment=shapes_vq",
+                *TINY_AUTOENCODER, "trainer.max_steps=2", "+trainer.limit_val_batches=0",
+                "callbacks.progress_bar.every_n_steps=1",
+                f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}",
+            ],
+            cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300,
+        )
+    output = (tmp_path / "stdout.txt").read_text()
+    assert result.returncode == 0, output[-2000:] + result.stderr[-2000:]
+    lines = output.splitlines()
+    steps = [
+        (i, int(m[1])) for i, line in enumerate(lines)
+        if (m := re.search(r"^.*\bepoch 0/0 batch \d+/4 step (\d+)/2 .*train/rec_loss=\d", line))
+    ]
+    assert [step for _, step in steps] == [1, 2, 2], output  # two steps, then the epoch's end
+    assert "end of epoch" in lines[steps[-1][0]]
+    testing = next(i for i, line in enumerate(lines) if line.endswith("Testing: 2 batches"))
+    assert steps[-1][0] < testing  # written as training ran, before testing
+    assert "optimized_metric='val/rec_loss' was not logged: no validation ran" in output
+    assert "step 2/2" in (run_dir / "train.log").read_text()  # Hydra's log file has them too
 
 
 def test_run_directories_follow_task_and_time(tmp_path: Path) -> None:

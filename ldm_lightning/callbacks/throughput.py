@@ -9,6 +9,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+IMAGES_PER_SEC = "train/images_per_sec"  # the metric's name, for readers (the progress lines)
+
 
 def batch_size_of(batch: Any) -> int:
     """Images in a batch: the leading size of its ``image`` or ``latent`` tensor."""
@@ -54,7 +56,7 @@ class ThroughputMonitor(pl.Callback):
         last, self._last = self._last, now
         metrics: dict[str, float] = {}
         if last is not None and now > last:
-            metrics["train/images_per_sec"] = (
+            metrics[IMAGES_PER_SEC] = (
                 batch_size_of(batch) * trainer.world_size / (now - last)
             )
         if pl_module.device.type == "cuda":

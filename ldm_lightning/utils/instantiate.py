@@ -9,18 +9,23 @@ from pytorch_lightning.loggers import Logger
 
 
 def _instantiate_named(cfg: DictConfig | None, kind: str) -> list:
-    """Instantiate every entry with a ``_target_`` in a dict of named configs."""
+    """Instantiate every entry with a ``_target_`` in a dict of named configs.
+
+    An entry whose target returns None adds nothing: a factory that declines (the progress
+    bar with ``trainer.enable_progress_bar=false``).
+    """
     if not cfg:
         return []
     if not isinstance(cfg, DictConfig):
         raise TypeError(
             f"the {kind} config must be a dict of named entries, got {type(cfg).__name__}"
         )
-    return [
+    built = [
         hydra.utils.instantiate(entry)
         for entry in cfg.values()
         if isinstance(entry, DictConfig) and "_target_" in entry
     ]
+    return [thing for thing in built if thing is not None]
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
