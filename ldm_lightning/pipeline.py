@@ -18,8 +18,8 @@ composes the same config as ``train`` would and runs, each in its own folder und
 The command line's other overrides (``data.root=...``, ``trainer=gpu``, ...) apply to every
 training stage; ``pipeline.first_stage_overrides`` / ``conditioner_overrides`` (lists) change
 the earlier stages' own model keys. A stage that finished is reused; one that was interrupted
-resumes from its ``last.ckpt``: running the same command again continues where it stopped. A stage folder that
-holds a run of another config is refused rather than reused.
+resumes from its ``last.ckpt``: running the same command again continues where it stopped. A
+stage folder that holds a run of another config is refused rather than reused.
 """
 
 from __future__ import annotations
