@@ -31,9 +31,10 @@ BREEDS = ("Abyssinian", "beagle")
 CAPTIONS = {"cat/1.png": "a cat asleep on a sofa", "dog/2.png": "a dog in the snow"}
 
 
-def captioned_folder(root: Path) -> Path:
-    """Two class folders of four images, two of them captioned in captions.jsonl."""
-    make_fake_image_folder(root, {"cat": 4, "dog": 4})
+def captioned_folder(root: Path, counts: dict[str, int] | None = None) -> Path:
+    """Class folders (default: cat and dog, four images each) with ``CAPTIONS`` for two of
+    the images in captions.jsonl."""
+    make_fake_image_folder(root, counts or {"cat": 4, "dog": 4})
     lines = [json.dumps({"file": file, "caption": caption}) for file, caption in CAPTIONS.items()]
     (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return root
