@@ -17,6 +17,9 @@ labels, class names, captions per split and latent statistics.
 from __future__ import annotations
 
 import itertools
+import os
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,6 +32,21 @@ from ldm_lightning.data.latent_dataset import LatentDataset
 from ldm_lightning.diffusion.latent_norm import LatentStats
 
 SPLITS = ("train", "val", "test")
+_JSON_SCALARS = (int, float, str, bool, type(None))
+
+
+def json_value(value: Any) -> Any:
+    """``value`` in JSON types: paths as resolved strings, tuples as lists, dict keys as
+    strings. Raises ``TypeError`` for anything else (objects, tensors)."""
+    if isinstance(value, os.PathLike):
+        return str(Path(value).resolve())
+    if isinstance(value, _JSON_SCALARS):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): json_value(item) for key, item in value.items()}
+    raise TypeError(f"{type(value).__name__} is not a plain setting")
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -83,13 +101,16 @@ class ImageDataModule(pl.LightningDataModule):
         return type(self).__name__.removesuffix("DataModule").lower()
 
     def transform_signature(self) -> dict[str, Any]:
-        """Every plain setting that determines the pixels; the latent cache keys on it.
+        """Every plain setting that determines the pixels, as JSON values; the latent cache
+        (and the FID cache) keys on it.
 
-        Collected from the instance's public attributes of plain types, so a new option in a
-        subclass changes the key without anyone remembering to add it here. Loader settings
-        (batch size, workers) do not change pixels and are left out.
+        Collected from the instance's public attributes, so a new option in a subclass changes
+        the key without anyone remembering to add it here. Paths become resolved strings (two
+        folders of the same name in different places are different data). Left out: loader
+        settings (batch size, workers), which do not change pixels; values a ``cached_property``
+        stored (file lists, class names: derived from the settings, and present or not
+        depending on what was read before); and attributes that are not plain data.
         """
-        plain = (int, float, str, bool, list, tuple, dict, type(None))
         skip = {
             "batch_size",
             "num_workers",
@@ -101,11 +122,15 @@ class ImageDataModule(pl.LightningDataModule):
             "cache_dir",
             *vars(pl.LightningDataModule()),
         }
-        fields = {
-            k: v
-            for k, v in vars(self).items()
-            if not k.startswith("_") and k not in skip and isinstance(v, plain)
-        }
+        fields = {}
+        for name, value in vars(self).items():
+            derived = isinstance(getattr(type(self), name, None), cached_property)
+            if name.startswith("_") or name in skip or derived:
+                continue
+            try:
+                fields[name] = json_value(value)
+            except TypeError:
+                continue
         return {"datamodule": type(self).__qualname__, **fields}
 
     @property
