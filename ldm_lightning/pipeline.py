@@ -8,7 +8,7 @@ composes the same config as ``train`` would and runs, each in its own folder und
 1. ``first_stage/``: the experiment named by ``pipeline.first_stage`` (an autoencoder), unless
    ``model.first_stage`` already names a checkpoint or the identity;
 2. ``conditioner/``: the experiment named by ``pipeline.conditioner`` (a text conditioner whose
-   checkpoint becomes ``model.conditioning.text_ckpt_path``), if any;
+   checkpoint becomes ``model.conditioning.text_ckpt_path``), unless that is given;
 3. ``ldm/``: this experiment, on the checkpoints of 1 and 2;
 4. ``samples/``: ``python -m ldm_lightning.sample`` (``per_class`` samples of every class for a
    class-conditional model, else ``num_samples``);
@@ -117,7 +117,7 @@ def run_pipeline(cfg: DictConfig, task_overrides: Sequence[str]) -> dict[str, An
             ldm.model.first_stage.ckpt_path = str(
                 train_stage("first_stage", stage, root / "first_stage")
             )
-        if settings.conditioner:
+        if settings.conditioner and not ldm.model.conditioning.get("text_ckpt_path"):
             stage = compose_stage(settings.conditioner, [*shared, *settings.conditioner_overrides])
             stage.model.first_stage.ckpt_path = ldm.model.first_stage.ckpt_path
             ldm.model.conditioning.text_ckpt_path = str(

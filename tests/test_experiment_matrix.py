@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import hydra
 import pytest
 from omegaconf import DictConfig
 
+from ldm_lightning.models.from_data import fill_from_data
 from ldm_lightning.train import train
 from tests.data.fake_layouts import make_fake_celebahq, make_fake_pets
 from tests.data.test_datamodule_cache import BREEDS, captioned_folder
@@ -44,8 +46,7 @@ OFFERS: dict[str, set[str]] = {
                                                     # captions from the 40 attributes
     "celebahq_faces": set(),
 }
-# Number of labels of each labelled fake datamodule. Passed as model.conditioning.num_classes
-# until it comes from the datamodule at connect time.
+# Labels of each labelled fake datamodule: what model.conditioning.num_classes=null takes.
 NUM_CLASSES = {"shapes": 18, "image_folder": 3, "pets": len(BREEDS), "celebahq": 2}
 
 
@@ -120,7 +121,7 @@ def experiment_config(experiment: str, data: str, data_overrides: dict[str, list
     if kind(experiment) in ("clip", "ldm", "ldm_class", "ldm_text"):
         overrides.append(f"model.first_stage.ckpt_path={first_stage}")
     if kind(experiment) == "ldm_class":
-        overrides.append(f"model.conditioning.num_classes={NUM_CLASSES[data]}")
+        overrides.append("model.conditioning.num_classes=null")  # from the data
     return compose_config(overrides, tmp_path)
 
 
@@ -138,6 +139,9 @@ def test_experiment_trains_on_datamodule(
     autoencoder_ckpt: Path, tmp_path: Path,  # noqa: F811 (the imported fixture)
 ) -> None:
     cfg = experiment_config(experiment, data, data_overrides, autoencoder_ckpt, tmp_path)
+    if kind(experiment) == "ldm_class":
+        filled = fill_from_data(cfg.model, hydra.utils.instantiate(cfg.data))
+        assert filled.conditioning.num_classes == NUM_CLASSES[data]
     metrics = train(cfg)
     assert math.isfinite(metrics[cfg.optimized_metric])
     if cfg.data.cache_latents:

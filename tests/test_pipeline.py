@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
+from ldm_lightning.models import LatentDiffusionModule
+from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.pipeline import run_pipeline, shared_overrides
 from tests.hydra_utils import TINY_AUTOENCODER
 from tests.models.test_diffusion_module import TINY_LDM
@@ -20,9 +22,9 @@ FIRST_STAGE = [o for o in TINY_AUTOENCODER if o.startswith("model.")]
 SHARED = [o for o in TINY_LDM if not o.startswith("model.")]
 
 
-def pipeline(tmp_path: Path, *extra: str) -> dict:
+def pipeline(tmp_path: Path, *extra: str, experiment: str = "shapes_ldm_class") -> dict:
     overrides = [
-        "+experiment=shapes_ldm_class", *SHARED, *[o for o in TINY_LDM if o.startswith("model.")],
+        f"+experiment={experiment}", *SHARED, *[o for o in TINY_LDM if o.startswith("model.")],
         f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.data_dir={tmp_path / 'data'}", "test=false",
         "pipeline.first_stage=shapes_vq", f"pipeline.first_stage_overrides={FIRST_STAGE}",
@@ -63,6 +65,25 @@ def test_the_stages_run_once_and_resume(tmp_path: Path, caplog: pytest.LogCaptur
 
     with pytest.raises(ValueError, match=r"holds a run of another config.*pipeline.dir"):
         pipeline(tmp_path, "data.seed=1")
+
+
+def test_a_text_model_gets_its_conditioner_stage_and_prompts_from_the_data(
+    tmp_path: Path,
+) -> None:
+    tiny_clip = ["model.width=16", "model.encoder.vocab_size=400", "model.encoder.layers=1",
+                 "model.encoder.heads=2", "model.image_encoder.channels=[8,16]",
+                 "model.embed_dim=8"]
+    written = pipeline(tmp_path, f"pipeline.conditioner_overrides={tiny_clip}",
+                       "pipeline.evaluate=null", experiment="shapes_ldm_text")
+    root = tmp_path / "logs" / "pipelines" / "shapes_ldm_text"
+    clip = root / "conditioner" / "checkpoints" / "last.ckpt"
+    ldm = load_stage(LatentDiffusionModule, written["checkpoint"], "latent_diffusion")
+    assert ldm.hparams.conditioning["text_ckpt_path"] == str(clip)
+    assert ldm.hparams.first_stage["ckpt_path"] == str(root / "first_stage" / "checkpoints"
+                                                         / "last.ckpt")
+    prompts = OmegaConf.load(root / "samples" / "config.yaml").prompts
+    assert prompts and all(p.startswith("a ") and "background" in p for p in prompts)
+    assert "metrics" not in written
 
 
 def test_only_the_shared_overrides_reach_the_earlier_stages() -> None:
