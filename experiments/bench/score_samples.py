@@ -1,0 +1,62 @@
+"""Score a folder of shapes samples (what ``python -m ldm_lightning.sample`` writes) with the
+conditioning benchmark's checker (``conditioning_accuracy.read_image``).
+
+A sample is *clean* when the IoU of its shape with the best-fitting clean circle, square or
+triangle is above 0.8. Samples written with ``per_class=N`` lie in ``samples/<colour> <shape>/``;
+for those the checker also reads whether the shape and colour are the class asked for.
+
+    python experiments/bench/score_samples.py logs/demo/<time>/samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conditioning_accuracy import read_image  # noqa: E402
+
+
+def score_folder(folder: Path, threshold: float = 0.8) -> dict[str, float]:
+    """Clean share, mean shape IoU and (class folders) shape + colour accuracy of the PNGs."""
+    paths = sorted((folder / "samples").rglob("*.png"))
+    if not paths:
+        raise SystemExit(f"no samples/**/*.png under {folder}")
+    ious, right, clean_and_right, labelled = [], 0, 0, 0
+    for path in paths:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        image = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+        read = read_image(image)
+        ious.append(read["iou"])
+        if path.parent.name != "samples":
+            colour, shape = path.parent.name.split(" ")
+            labelled += 1
+            hit = read["shape"] == shape and read["colour"] == colour
+            right += hit
+            clean_and_right += hit and read["iou"] > threshold
+    iou = torch.tensor(ious)
+    result = {"samples": len(ious), "shape_iou": round(iou.mean().item(), 4),
+              "clean": round((iou > threshold).float().mean().item(), 4)}
+    if labelled:
+        result["shape_and_colour"] = round(right / labelled, 4)
+        result["clean_and_right"] = round(clean_and_right / labelled, 4)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folders", type=Path, nargs="+", help="sample run directories")
+    parser.add_argument("--threshold", type=float, default=0.8, help="IoU of a clean shape")
+    args = parser.parse_args()
+    for folder in args.folders:
+        print(folder, json.dumps(score_folder(folder, args.threshold)))
+
+
+if __name__ == "__main__":
+    main()
