@@ -50,9 +50,14 @@ OFFERS: dict[str, set[str]] = {
 NUM_CLASSES = {"shapes": 18, "image_folder": 3, "pets": len(BREEDS), "celebahq": 2}
 
 
+# The demo's pair (`make demo`): a KL autoencoder and a class-conditional LDM.
+ALIASES = {"demo_kl": "kl", "demo_ldm": "ldm_class"}
+
+
 def kind(experiment: str) -> str:
-    """``shapes_ldm_text`` -> ``ldm_text``."""
-    return experiment.split("_", 1)[1]
+    """``shapes_ldm_text`` -> ``ldm_text``; ``shapes_demo_ldm`` -> ``ldm_class``."""
+    name = experiment.split("_", 1)[1]
+    return ALIASES.get(name, name)
 
 
 def meaningful(experiment: str) -> list[str]:
