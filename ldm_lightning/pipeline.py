@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_lightning.evaluate import evaluate
 from ldm_lightning.models.checkpoints import run_config_path
+from ldm_lightning.models.conditioning.build import conditioning_config
 from ldm_lightning.sample import run as sample
 from ldm_lightning.train import train
 from ldm_lightning.utils.atomic import atomic_write
@@ -159,10 +160,11 @@ def sample_options(checkpoint: Path, options: DictConfig, num_prompts: int = 8) 
     options = OmegaConf.to_container(options, resolve=True)
     per_class = options.pop("per_class", None)
     run_config = OmegaConf.load(run_config_path(checkpoint))
-    kind = OmegaConf.select(run_config, "model.conditioning._target_") or ""
-    if kind.endswith("ClassConditioning"):
+    conditioning = OmegaConf.to_container(run_config.model.get("conditioning") or {})
+    inputs = getattr(conditioning_config(conditioning)[0], "inputs", None)
+    if inputs == "labels":
         options["per_class"] = per_class
-    elif kind.endswith("TextConditioning") and options.get("prompts") is None:
+    elif inputs == "prompts" and options.get("prompts") is None:
         captions = hydra.utils.instantiate(run_config.data).captions("val")
         options["prompts"] = sorted(set(captions))[:num_prompts]
     return options
