@@ -14,10 +14,11 @@ from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.models.from_data import fill_from_data
 from ldm_lightning.sample import run as sample
-from ldm_lightning.sampling import folder_name
+from ldm_lightning.sampling import folder_name, per_class_labels
 from ldm_lightning.train import train
 from tests.data.fake_layouts import make_fake_image_folder
 from tests.hydra_utils import compose_config
+from tests.models.test_diffusion_module import tiny_pixel_ddpm
 
 CLASSES = {"cat": 6, "dog": 6, "red fox": 6}
 TINY_PIXEL_CLASS_LDM = [
@@ -109,3 +110,12 @@ def test_a_given_num_classes_is_kept_and_the_class_encoder_is_filled(tmp_path: P
                                               (".hidden", "_hidden"), ("", "_")])
 def test_folder_names_are_one_path_component(name: str, folder: str) -> None:
     assert folder_name(name) == folder
+
+
+def test_per_class_needs_a_class_model_and_a_positive_count(class_ldm: Path) -> None:
+    with pytest.raises(ValueError, match=r"per_class needs a class-conditional checkpoint"):
+        per_class_labels(tiny_pixel_ddpm(), 2)
+    model = load_stage(LatentDiffusionModule, class_ldm, "latent_diffusion")
+    with pytest.raises(ValueError, match=r"per_class must be at least 1, got 0"):
+        per_class_labels(model, 0)
+    assert per_class_labels(model, 2, ["dog"]) == ([1, 1], ["dog", "dog"])
