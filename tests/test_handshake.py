@@ -100,3 +100,12 @@ def test_a_copy_of_a_connected_model_shares_its_data() -> None:
     twin = copy.deepcopy(model)
     assert twin._data is data
     assert torch.equal(next(twin.parameters()), next(model.parameters()))
+
+
+def test_a_dataset_that_cannot_list_its_captions_is_named() -> None:
+    class PlainData(ShapesDataModule):
+        def build_split(self, split, augment=None):
+            return torch.utils.data.TensorDataset(torch.zeros(2, 3, 16, 16))
+
+    with pytest.raises(TypeError, match=r"returned a TensorDataset.*subclass .*CaptionedDataset"):
+        PlainData(image_size=16).captions("train")
