@@ -109,3 +109,12 @@ def test_a_dataset_that_cannot_list_its_captions_is_named() -> None:
 
     with pytest.raises(TypeError, match=r"returned a TensorDataset.*subclass .*CaptionedDataset"):
         PlainData(image_size=16).captions("train")
+
+
+def test_an_encoder_handed_over_after_the_cached_splits_are_built_is_refused(
+    tmp_path: Path,
+) -> None:
+    data = shapes(cache_latents=True, cache_dir=str(tmp_path / "cache"))
+    data.setup()  # no trainer: the plain images
+    with pytest.raises(RuntimeError, match=r"splits are built already.*connect\(model"):
+        connect(tiny_pixel_ddpm(), data)
