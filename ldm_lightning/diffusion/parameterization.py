@@ -31,53 +31,56 @@ def _alpha_sigma(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tens
     return alpha, sigma
 
 
-def predict_x0(
-    pred: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str
-) -> Tensor:
-    """The clean data implied by a model output (DDPM eq. 15 for eps; x0 = alpha x_t - sigma v).
-
-    Args:
-        pred: [B, ...] model output of kind ``prediction``. x_t: [B, ...]. t: [B] timesteps.
-    """
+def x0_from(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
+    """The clean data implied by a model output at ``x_t = alpha x0 + sigma eps``: DDPM eq. 15
+    for eps, ``x0 = alpha x_t - sigma v`` for v. ``alpha``, ``sigma`` broadcast against ``x_t``."""
     check_prediction(prediction)
     if prediction == "x0":
         return pred
-    alpha, sigma = _alpha_sigma(schedule, t, x_t)
     if prediction == "eps":
         return (x_t - sigma * pred) / alpha
     return alpha * x_t - sigma * pred
 
 
-def predict_eps(
-    pred: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str
-) -> Tensor:
-    """The noise implied by a model output (eps = (x_t - alpha x0)/sigma = sigma x_t + alpha v).
-
-    Args:
-        pred: [B, ...] model output of kind ``prediction``. x_t: [B, ...]. t: [B] timesteps.
-    """
+def eps_from(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
+    """The noise implied by a model output: ``(x_t - alpha x0) / sigma`` for x0,
+    ``sigma x_t + alpha v`` for v."""
     check_prediction(prediction)
     if prediction == "eps":
         return pred
-    alpha, sigma = _alpha_sigma(schedule, t, x_t)
     if prediction == "x0":
         return (x_t - alpha * pred) / sigma
     return sigma * x_t + alpha * pred
 
 
-def target(
-    x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str
-) -> Tensor:
-    """Regression target for x_t = q_sample(x0, t, noise): ``noise`` (eps, DDPM eq. 14),
-    ``x0``, or v = alpha_t noise - sigma_t x0 (Salimans & Ho 2022, sec. 4).
-
-    Args:
-        x0: [B, ...] clean data. noise: like ``x0``. t: [B] timesteps.
-    """
+def target_from(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
+    """The regression target of ``prediction`` for ``x_t = alpha x0 + sigma noise``: ``noise``
+    (DDPM eq. 14), ``x0``, or ``v = alpha noise - sigma x0`` (Salimans & Ho 2022, sec. 4)."""
     check_prediction(prediction)
     if prediction == "eps":
         return noise
     if prediction == "x0":
         return x0
-    alpha, sigma = _alpha_sigma(schedule, t, x0)
     return alpha * noise - sigma * x0
+
+
+def predict_x0(
+    pred: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str
+) -> Tensor:
+    """:func:`x0_from` at the schedule's timesteps ``t`` [B]; ``pred``, ``x_t``: [B, ...]."""
+    return x0_from(pred, x_t, *_alpha_sigma(schedule, t, x_t), prediction)
+
+
+def predict_eps(
+    pred: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str
+) -> Tensor:
+    """:func:`eps_from` at the schedule's timesteps ``t`` [B]; ``pred``, ``x_t``: [B, ...]."""
+    return eps_from(pred, x_t, *_alpha_sigma(schedule, t, x_t), prediction)
+
+
+def target(
+    x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str
+) -> Tensor:
+    """:func:`target_from` for ``x_t = q_sample(x0, t, noise)``; ``x0``, ``noise``: [B, ...],
+    ``t``: [B] timesteps."""
+    return target_from(x0, noise, *_alpha_sigma(schedule, t, x0), prediction)

@@ -1,15 +1,20 @@
-"""Reverse-process samplers: DDPM ancestral, DDIM, DPM-Solver++(2M).
+"""Reverse-process samplers: DDPM ancestral, DDIM, DPM-Solver++(2M), Euler, Heun and Euler
+ancestral, on any Gaussian noise process (:mod:`~ldm_lightning.diffusion.processes`).
 
 Each algorithm is a :class:`Sampler`: its step rule, its options (constructor arguments) and
 its ``name``, under which defining the class registers it in :data:`SAMPLERS`. A new sampler is
 one such class, and one ``conf/model/sampler/<name>.yaml`` (its ``_target_`` and options) to
 choose it from a config: ``model/sampler=<name>``.
 
-Every sampler walks a decreasing subsequence tau_1 > ... > tau_S of training timesteps (see
-:func:`inference_timesteps`), one model evaluation each, and ends with a step to abar = 1
-(sigma = 0), i.e. the last step returns the model's prediction of x0 at tau_S. This is diffusers'
-convention for ``DDPMScheduler``, ``DDIMScheduler(set_alpha_to_one=True)`` and
-``DPMSolverMultistepScheduler(final_sigmas_type="zero")``.
+A step sees the levels t > s it goes between, each ``x = alpha x0 + sigma eps`` (a
+:class:`~ldm_lightning.diffusion.processes.NoiseLevel`), and the model's estimates of x0 and eps
+at t; every rule is written for any (alpha, sigma), so the same sampler runs on the DDPM chain,
+on flow matching and on EDM. Every sampler walks the process's decreasing grid (for DDPM a
+subsequence tau_1 > ... > tau_S of training timesteps, see :func:`inference_timesteps`), one model
+evaluation each (two for Heun), and ends with a step to the clean level (alpha = 1, sigma = 0),
+i.e. the last step returns the model's prediction of x0. This is diffusers' convention for
+``DDPMScheduler``, ``DDIMScheduler(set_alpha_to_one=True)``,
+``DPMSolverMultistepScheduler(final_sigmas_type="zero")`` and the Euler/Heun schedulers.
 
 Matching diffusers exactly (``steps_offset=0``, ``clip_sample=False``), for every
 ``timestep_spacing`` and number of steps:
@@ -36,6 +41,12 @@ r = h_prev / h = 0, where the second-order correction is undefined) is first ord
 the x0 prediction. Even with a perfect model few steps cost accuracy, DDIM being first order and
 DPM-Solver++(2M) second order: see tests/diffusion/test_samplers_closed_form.py.
 
+Which sampler for which process: all six run on all three processes. ``euler`` (EDM Alg. 2 without
+churn) is DDIM with eta = 0 worked out in the solver's frame, and ``euler_ancestral`` (k-diffusion,
+diffusers' ``EulerAncestralDiscreteScheduler``) is DDIM with eta = 1, so on the same grid each pair
+draws the same samples; they differ from DDIM in their grids (Karras spacing, EDM's and flow's
+grids) and, for Heun, in the second-order correction.
+
 Random numbers are drawn with ``torch.randn(..., generator=generator)`` on the generator's device
 (CPU when no generator is given) and then moved, so one seed gives the same images on any device:
 first x_T, then one draw per stochastic step, in the order diffusers' schedulers draw them.
@@ -44,6 +55,7 @@ first x_T, then one draw per stochastic step, in the order diffusers' schedulers
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -52,7 +64,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldm_lightning.diffusion.parameterization import check_prediction, predict_eps, predict_x0
+from ldm_lightning.diffusion.parameterization import check_prediction
+from ldm_lightning.diffusion.processes import DDPMProcess, NoiseLevel, NoiseProcess
 from ldm_lightning.diffusion.schedules import NoiseSchedule
 from ldm_lightning.utils.targets import resolve_class
 
@@ -61,6 +74,8 @@ VARIANCES = ("fixed_small", "fixed_large")
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
+# guide(x, level, x0, eps) -> (x0, eps): a change to the estimates, e.g. classifier guidance.
+Guide = Callable[[Tensor, NoiseLevel, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def inference_timesteps(
@@ -109,11 +124,14 @@ class Sampler(ABC):
     sampler=name)`` and ``model.sampling.sampler: name`` choose it; a subclass that does not set
     it keeps its parent's name and is chosen by instance or ``_target_`` (:func:`make_sampler`).
     ``zero_endpoint`` picks the grid of :func:`inference_timesteps`; :meth:`reset` clears what
-    a multistep method remembers, before each run.
+    a multistep method remembers, before each run. A second-order method sets ``order = 2`` and
+    implements :meth:`correct`, which :func:`sample` calls with the model's estimates at the
+    point :meth:`step` returned (except on the step to the clean level).
     """
 
     name: ClassVar[str]
     zero_endpoint: ClassVar[bool] = False
+    order: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -125,11 +143,26 @@ class Sampler(ABC):
 
     @abstractmethod
     def step(
-        self, x: Tensor, x0: Tensor, eps: Tensor, a_t: float, a_s: float, noise: Noise
+        self, x: Tensor, x0: Tensor, eps: Tensor, t: NoiseLevel, s: NoiseLevel, noise: Noise
     ) -> Tensor:
-        """x_s from x_t = ``x`` and the model's predictions ``x0``, ``eps`` at t, where
-        ``a_t`` = abar_t and ``a_s`` = abar_s (1 on the last step); ``noise()`` draws z ~ N(0, I)
-        of x's shape (see the module docstring)."""
+        """x_s from x_t = ``x`` and the model's estimates ``x0``, ``eps`` at level ``t``; ``s``
+        is the next level (the clean one, alpha = 1 and sigma = 0, on the last step);
+        ``noise()`` draws z ~ N(0, I) of x's shape (see the module docstring)."""
+
+    def correct(  # noqa: B027 - only second-order methods have a correction
+        self,
+        x: Tensor,
+        x0: Tensor,
+        eps: Tensor,
+        x_s: Tensor,
+        x0_s: Tensor,
+        eps_s: Tensor,
+        t: NoiseLevel,
+        s: NoiseLevel,
+    ) -> Tensor:
+        """For ``order = 2``: x_s from the step's estimates at t and those (``x0_s``, ``eps_s``)
+        at the point ``x_s`` :meth:`step` returned."""
+        raise NotImplementedError
 
 
 # name -> class, filled by the Sampler subclasses that set a name.
@@ -159,17 +192,24 @@ class DDPMSampler(Sampler):
         self.variance = variance
 
     def step(
-        self, x: Tensor, x0: Tensor, eps: Tensor, a_t: float, a_s: float, noise: Noise
+        self, x: Tensor, x0: Tensor, eps: Tensor, t: NoiseLevel, s: NoiseLevel, noise: Noise
     ) -> Tensor:
-        """A draw from the posterior q(x_s | x_t, x0) (DDPM eqs. 6-7); no noise on the step to
-        abar_s = 1 (z = 0 at the end of Algorithm 2)."""
-        beta = 1.0 - a_t / a_s
-        mean = (a_s**0.5 * beta / (1.0 - a_t)) * x0 + (
-            (1.0 - beta) ** 0.5 * (1.0 - a_s) / (1.0 - a_t)
-        ) * x
-        if a_s == 1.0:
+        """A draw from the posterior q(x_s | x_t, x0) (DDPM eqs. 6-7, for any alpha and sigma as
+        in Kingma et al. 2021, "Variational diffusion models", eqs. 31-33):
+
+            mean = (alpha_ts sigma_s^2 / sigma_t^2) x_t + (alpha_s sigma_ts^2 / sigma_t^2) x0,
+            alpha_ts = alpha_t / alpha_s, sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2,
+
+        variance sigma_ts^2 sigma_s^2 / sigma_t^2 ("fixed_small", beta_tilde) or sigma_ts^2
+        ("fixed_large", beta' = 1 - abar_t / abar_s on the DDPM chain). No noise on the step to
+        the clean level (z = 0 at the end of Algorithm 2)."""
+        transition = _transition_variance(t, s)
+        mean = (t.alpha / s.alpha * s.sigma**2 / t.sigma**2) * x + (
+            s.alpha * transition / t.sigma**2
+        ) * x0
+        if s.clean:
             return mean
-        var = beta * (1.0 - a_s) / (1.0 - a_t) if self.variance == "fixed_small" else beta
+        var = transition * s.sigma**2 / t.sigma**2 if self.variance == "fixed_small" else transition
         return mean + var**0.5 * noise()
 
 
@@ -184,18 +224,20 @@ class DDIMSampler(Sampler):
         self.eta = eta
 
     def step(
-        self, x: Tensor, x0: Tensor, eps: Tensor, a_t: float, a_s: float, noise: Noise
+        self, x: Tensor, x0: Tensor, eps: Tensor, t: NoiseLevel, s: NoiseLevel, noise: Noise
     ) -> Tensor:
-        """DDIM eq. 12: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z, with
-        sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s) (DDIM eq. 16)."""
-        sigma = self.eta * ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)) ** 0.5
-        x_s = a_s**0.5 * x0 + (1.0 - a_s - sigma**2) ** 0.5 * eps
-        return x_s + sigma * noise() if sigma > 0 else x_s
+        """DDIM eq. 12: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, where c = eta times
+        the posterior's std (DDIM eq. 16: eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t /
+        abar_s) on the DDPM chain; :class:`DDPMSampler` for any alpha, sigma)."""
+        c = self.eta * (_transition_variance(t, s) * s.sigma**2 / t.sigma**2) ** 0.5
+        x_s = s.alpha * x0 + max(s.sigma**2 - c**2, 0.0) ** 0.5 * eps
+        return x_s + c * noise() if c > 0 else x_s
 
 
-def _lambda(a: float) -> float:
-    """Half log-SNR lambda = log(alpha / sigma) of abar (DPM-Solver, Lu et al. 2022, sec. 3.1)."""
-    return 0.5 * (np.log(a) - np.log1p(-a))
+def _transition_variance(t: NoiseLevel, s: NoiseLevel) -> float:
+    """sigma_ts^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2, the variance of q(x_t | x_s)
+    (Kingma et al. 2021, eq. 3); 1 - abar_t / abar_s on the DDPM chain."""
+    return max(t.sigma**2 - (t.alpha / s.alpha) ** 2 * s.sigma**2, 0.0)
 
 
 class DPMSolverPP2MSampler(Sampler):
@@ -213,24 +255,107 @@ class DPMSolverPP2MSampler(Sampler):
         self.h_prev: float | None = None
 
     def step(
-        self, x: Tensor, x0: Tensor, eps: Tensor, a_t: float, a_s: float, noise: Noise
+        self, x: Tensor, x0: Tensor, eps: Tensor, t: NoiseLevel, s: NoiseLevel, noise: Noise
     ) -> Tensor:
         """Data prediction, midpoint form:
 
             x_s = (sigma_s / sigma_t) x - alpha_s (e^{-h} - 1) (D0 + D1 / 2),
             D0 = x0_t, D1 = (x0_t - x0_prev) / r, r = h_prev / h, h = lambda_s - lambda_t.
 
-        First order (DDIM) without history; the step to abar_s = 1 (sigma_s = 0, h = inf)
-        returns x0_t, diffusers' ``lower_order_final`` with ``final_sigmas_type="zero"``.
+        First order (DDIM) without history, and after a step from alpha = 0 (h_prev = inf);
+        the step to the clean level (sigma_s = 0, h = inf) returns x0_t, diffusers'
+        ``lower_order_final`` with ``final_sigmas_type="zero"``.
         """
-        if a_s == 1.0:
+        if s.clean:
             return x0
-        h = float(_lambda(a_s) - _lambda(a_t))
-        sigma_ratio = ((1.0 - a_s) / (1.0 - a_t)) ** 0.5
-        coef = -(a_s**0.5) * float(np.expm1(-h))
-        d = x0 if self.x0_prev is None else x0 + (0.5 * h / self.h_prev) * (x0 - self.x0_prev)
+        h = s.half_log_snr - t.half_log_snr
+        sigma_ratio = s.sigma / t.sigma
+        coef = -s.alpha * float(np.expm1(-h))
+        first_order = self.x0_prev is None or math.isinf(self.h_prev)
+        d = x0 if first_order else x0 + (0.5 * h / self.h_prev) * (x0 - self.x0_prev)
         self.x0_prev, self.h_prev = x0, h
         return sigma_ratio * x + coef * d
+
+
+class EulerSampler(Sampler):
+    """Euler's method for the probability-flow ODE dy/ds = (y - x0) / s in the solver's frame
+    y = x / f, s = sigma / f (EDM, Karras et al. 2022, Algorithm 2 without churn; diffusers'
+    ``EulerDiscreteScheduler``, ``FlowMatchEulerDiscreteScheduler``, ``EDMEulerScheduler``):
+
+        d = (x_t - f_t x0) / sigma_t,    x_s = f_s x0 + sigma_s d.
+
+    The same step as DDIM with eta = 0 in either frame (d = eps for f = alpha)."""
+
+    name = "euler"
+
+    def step(
+        self, x: Tensor, x0: Tensor, eps: Tensor, t: NoiseLevel, s: NoiseLevel, noise: Noise
+    ) -> Tensor:
+        return s.frame * x0 + s.sigma * _derivative(x, x0, t)
+
+
+def _derivative(x: Tensor, x0: Tensor, level: NoiseLevel) -> Tensor:
+    """dy/ds = (y - x0) / s in the frame y = x / f, s = sigma / f: (x - f x0) / sigma."""
+    return (x - level.frame * x0) / level.sigma
+
+
+class HeunSampler(EulerSampler):
+    """Heun's second-order method (EDM Algorithm 1; diffusers' ``HeunDiscreteScheduler``,
+    ``FlowMatchHeunDiscreteScheduler``): an Euler step to x_s', the derivative there, and the
+    step again with the mean of both derivatives,
+
+        y_s = y_t + (s_s - s_t) (d_t + d_s') / 2,
+
+    in the solver's frame (module docstring of :mod:`~ldm_lightning.diffusion.processes`). Two
+    model evaluations per step except the last, to the clean level, which is Euler's (EDM
+    Algorithm 1, line 8); from a level with f = 0 (alpha = 0 on the DDPM chain with zero
+    terminal SNR, where y is infinite) the step stays Euler's too."""
+
+    name = "heun"
+    order = 2
+
+    def correct(
+        self,
+        x: Tensor,
+        x0: Tensor,
+        eps: Tensor,
+        x_s: Tensor,
+        x0_s: Tensor,
+        eps_s: Tensor,
+        t: NoiseLevel,
+        s: NoiseLevel,
+    ) -> Tensor:
+        if t.frame == 0.0:
+            return x_s
+        mean_derivative = 0.5 * (_derivative(x, x0, t) + _derivative(x_s, x0_s, s))
+        return (s.frame / t.frame) * x + (s.sigma - s.frame * t.sigma / t.frame) * mean_derivative
+
+
+class EulerAncestralSampler(Sampler):
+    """Euler ancestral (k-diffusion's ``sample_euler_ancestral``; diffusers'
+    ``EulerAncestralDiscreteScheduler``) in the variance-exploding frame y = x / alpha, noise
+    levels s = sigma / alpha: a deterministic step down to s_down, then fresh noise up to s_s,
+
+        s_up = min(s_s, eta s_s sqrt(1 - s_s^2 / s_t^2)),  s_down = sqrt(s_s^2 - s_up^2),
+        x_s = alpha_s (x0 + s_down eps + s_up z).
+
+    With eta = 1 the same distribution as DDPM's posterior (DDIM with eta = 1)."""
+
+    name = "euler_ancestral"
+
+    def __init__(self, eta: float = 1.0) -> None:
+        check_eta(eta)
+        self.eta = eta
+
+    def step(
+        self, x: Tensor, x0: Tensor, eps: Tensor, t: NoiseLevel, s: NoiseLevel, noise: Noise
+    ) -> Tensor:
+        if s.clean:
+            return x0
+        s_t, s_s = t.sigma_hat, s.sigma_hat
+        up = min(s_s, self.eta * s_s * max(1.0 - (s_s / s_t) ** 2, 0.0) ** 0.5)
+        down = (s_s**2 - up**2) ** 0.5
+        return s.alpha * (x0 + down * eps + up * noise())
 
 
 def sampler_class(spec: str | Mapping[str, Any]) -> type[Sampler]:
@@ -272,10 +397,24 @@ def _check_args(eta: float, variance: str, shape: Sequence[int], x_T: Tensor | N
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
 
 
+def _process(
+    schedule: NoiseSchedule | None, prediction: str, process: NoiseProcess | None
+) -> NoiseProcess:
+    """The process to sample: ``process``, else the DDPM chain of ``schedule``."""
+    if process is not None:
+        return process
+    if schedule is None:
+        raise ValueError(
+            "sample() needs a schedule (DDPM) or a process (ldm_lightning.diffusion.processes)"
+        )
+    check_prediction(prediction)
+    return DDPMProcess(schedule, prediction)
+
+
 def sample(
     model_fn: ModelFn,
     shape: Sequence[int],
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | None = None,
     sampler: str | Mapping[str, Any] | Sampler = "ddim",
     steps: int | None = 50,
     eta: float = 0.0,
@@ -287,31 +426,45 @@ def sample(
     variance: str = "fixed_small",
     progress: bool = False,
     return_trajectory: bool = False,
-    timestep_spacing: str = "leading",
+    timestep_spacing: str | None = None,
+    process: NoiseProcess | None = None,
+    guide: Guide | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """Draw samples by running the reverse process from x_T ~ N(0, I).
+    """Draw samples by running the reverse process from noise.
 
     Args:
-        model_fn: ``model_fn(x_t [B, ...], t LongTensor [B]) -> [B, ...]`` predicting
-            ``prediction`` ("eps" | "v" | "x0"); wrap it with classifier-free guidance if wanted.
+        model_fn: ``model_fn(input [B, ...], time [B]) -> [B, ...]``, the network as the process
+            calls it (:meth:`~ldm_lightning.diffusion.processes.NoiseProcess.network_input`):
+            for DDPM ``(x_t, t)`` with integer timesteps, predicting ``prediction`` ("eps" | "v"
+            | "x0"); wrap it with classifier-free guidance if wanted.
         shape: (B, C, H, W) or any (B, ...) shape of the samples.
-        schedule: the training noise schedule.
+        schedule: the training noise schedule of a DDPM model (with ``prediction``); or give
+            ``process``.
         sampler: "ddpm" (ancestral, DDPM Algorithm 2), "ddim" (DDIM eq. 12), "dpmpp_2m"
-            (DPM-Solver++(2M), deterministic) or another name of :data:`SAMPLERS`; or a
+            (DPM-Solver++(2M), deterministic), "euler", "heun" (EDM Algorithms 2 and 1),
+            "euler_ancestral" or another name of :data:`SAMPLERS`; or a
             ``{_target_: ..., **options}`` dict, or a :class:`Sampler` (:func:`make_sampler`).
-        steps: number of model evaluations; ``None`` runs all ``schedule.timesteps`` (T, which
-            "dpmpp_2m" allows only with "trailing": see :func:`inference_timesteps`).
+        steps: number of steps (model evaluations, two per step for Heun but the last); ``None``
+            runs all ``schedule.timesteps`` of a DDPM schedule (T, which "dpmpp_2m" allows only
+            with "trailing": see :func:`inference_timesteps`).
         eta: DDIM noise scale (0 deterministic, 1 matches DDPM's posterior variance). Like
             ``variance``, it goes to the samplers that take it, unless a dict or a Sampler
             sets it.
         generator: source of all random numbers (see module docstring).
-        device: where to sample; defaults to ``x_T``'s device, else the schedule's.
-        x_T: [B, ...] starting noise instead of drawing it.
+        device: where to sample; defaults to ``x_T``'s device, else the CPU.
+        x_T: [B, ...] starting point instead of drawing it (noise scaled by the process's
+            :meth:`~ldm_lightning.diffusion.processes.NoiseProcess.initial_scale`).
         clip_denoised: clamp predicted x0 to [-1, 1] before each step (pixel-space data).
         variance: DDPM's reverse variance, "fixed_small" (beta_tilde) or "fixed_large" (beta).
         progress: show a tqdm progress bar.
         return_trajectory: also return the predicted x0 of every step.
-        timestep_spacing: "leading" | "trailing" | "linspace", see :func:`inference_timesteps`.
+        timestep_spacing: the grid, one of the process's ``spacings`` (DDPM: "leading" |
+            "trailing" | "linspace" | "karras", see :func:`inference_timesteps`); None: the
+            process's default ("trailing" for DDPM).
+        process: the noise process (:mod:`~ldm_lightning.diffusion.processes`) instead of
+            ``schedule`` and ``prediction``.
+        guide: ``guide(x, level, x0, eps) -> (x0, eps)`` applied to every estimate (classifier
+            guidance, :func:`~ldm_lightning.diffusion.guidance.classifier_guidance`).
 
     Returns:
         x0 samples [B, ...] float32, or (x0, [predicted x0 [B, ...] per step]) with
@@ -319,39 +472,51 @@ def sample(
     """
     _check_args(eta, variance, shape, x_T)
     rule = make_sampler(sampler, eta=eta, variance=variance)
-    check_prediction(prediction)
-    n_steps = schedule.timesteps if steps is None else steps
-    timesteps = inference_timesteps(
-        schedule.timesteps, n_steps, timestep_spacing, zero_endpoint=rule.zero_endpoint
-    )
+    process = _process(schedule, prediction, process)
+    if steps is None:
+        if not isinstance(process, DDPMProcess):
+            raise ValueError(
+                f"steps=None (all timesteps) needs the DDPM process, not {process.name}"
+            )
+        steps = process.schedule.timesteps
+    levels = process.sampling_levels(steps, timestep_spacing, zero_endpoint=rule.zero_endpoint)
     if device is None:
-        device = x_T.device if x_T is not None else schedule.device
-    schedule = schedule.to(device)
+        device = x_T.device if x_T is not None else torch.device("cpu")
+    process = process.to(device)
     noise_device = generator.device if generator is not None else torch.device("cpu")
 
     def noise() -> Tensor:
         return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
 
-    iterator = zip(timesteps, [*timesteps[1:], -1], strict=True)
+    def denoise(x: Tensor, level: NoiseLevel) -> tuple[Tensor, Tensor]:
+        t = torch.full((shape[0],), level.t, dtype=torch.float32, device=device)
+        network_input, time = process.network_input(x, t)
+        x0, eps = process.denoise(model_fn(network_input, time).float(), x, t)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - level.alpha * x0) / level.sigma
+        return guide(x, level, x0, eps) if guide is not None else (x0, eps)
+
+    pairs = list(zip(levels[:-1], levels[1:], strict=True))
+    iterator = pairs
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, total=len(timesteps), desc=f"{rule.name} sampling")
+        iterator = tqdm(pairs, desc=f"{rule.name} sampling")
 
     trajectory: list[Tensor] = []
     rule.reset()
     with torch.no_grad():
-        x = noise() if x_T is None else x_T.to(device=device, dtype=torch.float32)
+        if x_T is None:
+            x = noise() * process.initial_scale(levels[0])
+        else:
+            x = x_T.to(device=device, dtype=torch.float32)
         for t, s in iterator:
-            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
-            out = model_fn(x, t_batch).float()
-            x0 = predict_x0(out, x, t_batch, schedule, prediction)
-            if clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
-                eps = predict_eps(x0, x, t_batch, schedule, "x0")
-            else:
-                eps = predict_eps(out, x, t_batch, schedule, prediction)
-            x = rule.step(x, x0, eps, schedule.alpha_bar(t), schedule.alpha_bar(s), noise)
+            x0, eps = denoise(x, t)
+            x_s = rule.step(x, x0, eps, t, s, noise)
+            if rule.order == 2 and not s.clean:
+                x_s = rule.correct(x, x0, eps, x_s, *denoise(x_s, s), t, s)
+            x = x_s
             if return_trajectory:
                 trajectory.append(x0)
     return (x, trajectory) if return_trajectory else x

@@ -47,6 +47,19 @@ def _cosine_betas(timesteps: int, s: float) -> Tensor:
     return torch.tensor(betas, dtype=torch.float64)
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"),
+    Algorithm 1: shift sqrt(abar_t) so that its last value is 0 and scale it so that its first is
+    unchanged, then recover the betas: abar_T = 0 exactly (the last beta is 1), abar_1 kept.
+    Such a schedule needs v (or x0) prediction: at abar_T = 0, eps says nothing about x0."""
+    root = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    abar = root.square()
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
 class NoiseSchedule:
     """A discrete variance schedule beta_1..beta_T and everything derived from it.
 
@@ -74,10 +87,11 @@ class NoiseSchedule:
             raise ValueError(
                 f"betas must be a non-empty 1-D tensor, got shape {tuple(betas64.shape)}"
             )
-        if not bool(((betas64 > 0) & (betas64 < 1)).all()):
+        inside = (betas64 > 0) & (betas64 < 1)
+        if not bool(inside.all()) and not (bool(inside[:-1].all()) and betas64[-1] == 1):
             raise ValueError(
-                f"every beta must lie in (0, 1); got min {betas64.min().item():.3g}, "
-                f"max {betas64.max().item():.3g}"
+                f"every beta must lie in (0, 1) (the last may be 1: zero terminal SNR); got "
+                f"min {betas64.min().item():.3g}, max {betas64.max().item():.3g}"
             )
         self.kind = kind
         self.timesteps = int(betas64.numel())
@@ -118,6 +132,7 @@ class NoiseSchedule:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         cosine_s: float = 0.008,
+        zero_terminal_snr: bool = False,
     ) -> NoiseSchedule:
         """Build a named schedule.
 
@@ -126,6 +141,9 @@ class NoiseSchedule:
           CompVis LDM and Stable Diffusion call "linear" (use beta_start=0.00085, beta_end=0.012).
         - ``cosine`` (alias ``squaredcos_cap_v2``): improved DDPM eq. 17 with offset ``cosine_s``,
           betas clipped at 0.999; ``beta_start``/``beta_end`` are unused.
+
+        ``zero_terminal_snr`` rescales any of them to abar_T = 0
+        (:func:`rescale_zero_terminal_snr`).
         """
         name = _ALIASES.get(kind, kind)
         if name not in SCHEDULES:
@@ -136,7 +154,8 @@ class NoiseSchedule:
         if name == "cosine":
             if cosine_s <= 0:
                 raise ValueError(f"cosine_s must be > 0, got {cosine_s}")
-            return cls(_cosine_betas(timesteps, cosine_s), kind=name)
+            betas = _cosine_betas(timesteps, cosine_s)
+            return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, kind=name)
         if not 0 < beta_start < beta_end < 1:
             raise ValueError(
                 f"{name} schedule needs 0 < beta_start < beta_end < 1, "
@@ -151,7 +170,7 @@ class NoiseSchedule:
                 )
                 ** 2
             )
-        return cls(betas, kind=name)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, kind=name)
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
         """A copy whose float32 tensors live on ``device``."""

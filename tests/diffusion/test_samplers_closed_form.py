@@ -24,13 +24,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ldm_lightning.diffusion import (
     PREDICTIONS,
-    SAMPLERS,
     TIMESTEP_SPACINGS,
     NoiseSchedule,
     sample,
 )
 from ldm_lightning.diffusion.samplers import ModelFn
 
+# The samplers whose diffusers counterparts this file runs on the DDPM chain's own grids.
+DDPM_FAMILY = ("ddpm", "ddim", "dpmpp_2m")
 N = 4000
 N_REFERENCE = 20_000  # the issue's sample size
 MU = torch.tensor([0.2, -0.5])
@@ -107,7 +108,7 @@ def reference_sample(
 @pytest.mark.parametrize("steps", [15, 50])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", DDPM_FAMILY)
 def test_as_accurate_as_diffusers(sampler: str, spacing: str, prediction: str, steps: int):
     """Every (sampler, spacing, prediction): the errors of our sample mean and std are at most
     the reference's on the same problem plus 3 standard errors. Both runs draw x_T and the step

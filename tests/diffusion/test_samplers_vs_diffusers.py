@@ -113,6 +113,7 @@ def test_ddim_stochastic_matches_with_same_generator(model):
         steps=20,
         eta=0.7,
         generator=torch.Generator().manual_seed(7),
+        timestep_spacing="leading",  # diffusers' default
     )
     torch.testing.assert_close(x, x_ref, atol=1e-5, rtol=1e-5)
 
@@ -277,12 +278,15 @@ def test_trajectory_clipping_and_progress(model, capsys):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sampler": "euler"}, "ddpm, ddim, dpmpp_2m"),
+        ({"sampler": "lms"}, "ddpm, ddim, dpmpp_2m, euler, heun, euler_ancestral"),
         ({"prediction": "epsilon"}, "eps, v, x0"),
-        ({"timestep_spacing": "karras"}, "leading, trailing, linspace"),
+        ({"timestep_spacing": "uniform"}, "leading, trailing, linspace, karras"),
         ({"steps": 0}, r"steps must be in \[1, 1000\]"),
         ({"steps": 1001}, r"steps must be in \[1, 1000\]"),
-        ({"sampler": "dpmpp_2m", "steps": None}, r"steps must be in \[1, 999\].*t = 0"),
+        (
+            {"sampler": "dpmpp_2m", "steps": None, "timestep_spacing": "leading"},
+            r"steps must be in \[1, 999\].*t = 0",
+        ),
         ({"variance": "learned"}, "fixed_small, fixed_large"),
         ({"eta": -0.1}, "eta must be >= 0"),
         ({"x_T": torch.zeros(1, 3, 8, 8)}, "x_T has shape"),

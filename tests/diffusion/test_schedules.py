@@ -125,7 +125,9 @@ def test_invalid_schedules(kwargs: dict, message: str):
 
 def test_invalid_custom_betas():
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
-        NoiseSchedule(torch.tensor([0.1, 1.0]))
+        NoiseSchedule(torch.tensor([1.0, 0.5]))  # only the last beta may be 1
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        NoiseSchedule(torch.tensor([0.1, 0.0]))
     with pytest.raises(ValueError, match="1-D"):
         NoiseSchedule(torch.ones(2, 2) * 0.1)
     with pytest.raises(ValueError, match="outside"):

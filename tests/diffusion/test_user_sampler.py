@@ -45,13 +45,13 @@ def euler_sampler(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Sampler]]:
     class EulerX0Sampler(Sampler):
         """Euler's method for the probability-flow ODE in xbar = x / alpha, sbar = sigma / alpha,
         d xbar = eps d sbar (DDIM, Song et al. 2021, eq. 14): DDIM with eta = 0, worked out
-        another way."""
+        another way, from the levels' alpha and sigma."""
 
         name = "euler_x0"
 
-        def step(self, x, x0, eps, a_t, a_s, noise):
-            sbar_t, sbar_s = ((1 - a_t) / a_t) ** 0.5, ((1 - a_s) / a_s) ** 0.5
-            return a_s**0.5 * (x / a_t**0.5 + (sbar_s - sbar_t) * eps)
+        def step(self, x, x0, eps, t, s, noise):
+            sbar_t, sbar_s = t.sigma / t.alpha, s.sigma / s.alpha
+            return s.alpha * (x / t.alpha + (sbar_s - sbar_t) * eps)
 
     monkeypatch.setitem(globals(), "EulerX0Sampler", EulerX0Sampler)
     yield EulerX0Sampler
@@ -66,8 +66,9 @@ def test_a_named_subclass_is_registered_and_runs_by_instance_name_and_target(
     torch.testing.assert_close(by_instance, draw("ddim"))  # the same ODE step
     assert torch.equal(draw("euler_x0"), by_instance)
     assert torch.equal(draw({"_target_": f"{__name__}.EulerX0Sampler"}), by_instance)
-    with pytest.raises(ValueError, match="choose one of: ddpm, ddim, dpmpp_2m, euler_x0"):
-        draw("euler")
+    everything = "ddpm, ddim, dpmpp_2m, euler, heun, euler_ancestral, euler_x0"
+    with pytest.raises(ValueError, match=f"choose one of: {everything}"):
+        draw("lms")
 
 
 def test_a_subclass_without_a_name_keeps_its_parents_and_is_not_registered() -> None:
@@ -75,7 +76,7 @@ def test_a_subclass_without_a_name_keeps_its_parents_and_is_not_registered() -> 
         pass
 
     assert Variant.name == "ddim" and SAMPLERS["ddim"] is DDIMSampler
-    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp_2m"]
+    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp_2m", "euler", "heun", "euler_ancestral"]
 
 
 def test_an_instance_keeps_its_options_and_is_reset_between_runs() -> None:
