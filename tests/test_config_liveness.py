@@ -308,6 +308,7 @@ LDM: dict[str, Entry] = {
     "min_snr_gamma": Live("loss", 1.0, context={"loss_weighting": "min_snr"}),
     "scale_factor": Live("loss", 0.5),  # null: estimated at fit start
     "scale_factor_batches": Live("loss", 1),
+    "latent_norm": Live("loss", "channel"),  # per-channel mean and std, estimated at fit start
     **optimizer_probes("torch.optim.Adam", scale_lr=True),
     "sampling.sampler": Live("sample", "ddpm"),
     # The options of the model/sampler group's configs (the keys beside their _target_).

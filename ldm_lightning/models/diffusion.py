@@ -72,6 +72,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         scale_factor: latent scale; ``None`` estimates ``1/std(z)`` from ``scale_factor_batches``
             training batches before training and stores it in the checkpoint
             (:class:`~ldm_lightning.diffusion.latent_norm.LatentNormalizer`).
+        latent_norm: "scalar" (``z0 = scale_factor * E(x)``, LDM sec. 4.3.2) or "channel"
+            (``z0_c = (E(x)_c - mean_c) / std_c``, estimated like the scale and stored beside it;
+            takes no fixed ``scale_factor``). A checkpoint's own normalisation wins on load.
         optimizer: ``_target_`` (AdamW) and its arguments (``betas``, ``weight_decay``, ...)
             with the rate keys ``base_lr``, ``scale_lr`` (CompVis' batch scaling),
             ``warmup_steps``, ``schedule``, ``min_lr_ratio``
@@ -102,6 +105,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         min_snr_gamma: float = 5.0,
         scale_factor: float | None = None,
         scale_factor_batches: int = 16,
+        latent_norm: str = "scalar",
         optimizer: dict[str, Any] | None = None,
         sampling: dict[str, Any] | None = None,
         num_log_images: int = 16,
@@ -116,6 +120,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             raise ValueError(
                 f"model.loss_weighting={loss_weighting!r} is unknown; valid: {WEIGHTINGS}"
             )
+        self.latent_norm = LatentNormalizer(scale_factor, latent_norm)
         self.save_hyperparameters()
         self.attach_first_stage(first_stage)
 
@@ -154,17 +159,18 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         self.unet = backbone(**unet)
         self.schedule = NoiseSchedule.make(**{"kind": "linear", **(schedule or {})})
         self.prediction = prediction
-        self.latent_norm = LatentNormalizer(scale_factor)
         self.noise_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
     @property
     def scale_factor(self) -> float | None:
-        """The latent scale ``1 / std(z)``; None until estimated or loaded."""
+        """The latent scale ``1 / std(z)``; None until estimated or loaded, and in channel mode
+        (``latent_norm.mean`` and ``latent_norm.std`` hold the per-channel statistics)."""
         return self.latent_norm.scale
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Scaled latents ``z0 = scale_factor * E(x)`` of a batch of images or cached latents."""
+        """Normalised latents ``z0`` (``scale_factor * E(x)``, or per channel: ``latent_norm``) of
+        a batch of images or cached latents."""
         return self.latent_norm.normalize(self.unscaled_latents(batch).float())
 
     @torch.no_grad()
@@ -196,7 +202,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             self.latent_norm.fit(data.latent_stats(self.hparams.scale_factor_batches))
             state = self.trainer.strategy.broadcast(self.latent_norm.state(), src=0)
             self.latent_norm.load_state(state)
-            log.info("Latent scale factor estimated from data: %.5f", self.scale_factor)
+            log.info("Latent normalisation estimated from data: %r", self.latent_norm)
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
@@ -262,7 +268,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             sync_dist=True,
         )
         if batch_idx == 0 and prefix == "val":
-            self.log("scale_factor", self.scale_factor, on_epoch=True, batch_size=1)
+            self.log_dict(self.latent_norm.summary(), on_epoch=True, batch_size=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -29,6 +29,7 @@ from ldm_lightning.train import train
 from ldm_lightning.utils.hashing import file_sha256
 from ldm_lightning.utils.safe_load import UnsafeCheckpointError
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
+from tests.models.test_diffusion_module import train_channel_ldm
 from tests.test_conditioning_train import TINY_CLIP, TINY_DATA, TINY_LDM
 from tests.test_evaluate import eval_config
 
@@ -222,6 +223,21 @@ def test_an_ldm_builds_on_an_exported_first_stage(stages, tmp_path) -> None:
     for name, value in models[1].first_stage.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
     assert models[1].hparams.first_stage["sha256"] == file_sha256(out / WEIGHTS_FILE)
+
+
+def test_a_channel_normalised_ldm_round_trips_through_its_export(tmp_path) -> None:
+    """The per-channel mean and std travel in config.json's entries, as scale_factor does."""
+    model, _, ckpt = train_channel_ldm(tmp_path)
+    out = export_stage(ckpt, tmp_path / "ldm")
+    entries = json.loads((out / CONFIG_FILE).read_text())["entries"]
+    assert entries["latent_norm"] == "channel" and entries["scale_factor"] is None
+    assert entries["latent_mean"] == model.latent_norm.mean
+    assert entries["latent_std"] == model.latent_norm.std
+    exported = LatentDiffusionModule.load_from_checkpoint(out)
+    assert exported.latent_norm.state() == model.latent_norm.state()
+    from_ckpt = LatentDiffusionModule.load_from_checkpoint(ckpt)
+    torch.testing.assert_close(exported.sample(n=2, seed=0), from_ckpt.sample(n=2, seed=0),
+                               rtol=0, atol=0)
 
 
 def test_a_folder_that_is_not_an_export_is_a_clear_error(tmp_path) -> None:

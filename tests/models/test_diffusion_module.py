@@ -1,4 +1,4 @@
-"""LatentDiffusionModule: start-up checks, loss, scale factor, cache, EMA, checkpoints."""
+"""LatentDiffusionModule: start-up checks, loss, latent normalisation, cache, EMA, checkpoints."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from ldm_lightning.data.latent_dataset import LatentDataset
 from ldm_lightning.data.shapes import ShapesDataModule
 from ldm_lightning.diffusion import Sampler
+from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule, connect
 from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.train import train
@@ -250,3 +251,96 @@ def test_datamodule_serves_cached_latents_equal_to_encoding(
     torch.testing.assert_close(
         torch.stack([cached[i]["latent"] for i in range(4)]), model.latent_encoder().encode(images)
     )
+
+
+def train_channel_ldm(tmp_path: Path) -> tuple[LatentDiffusionModule, pl.Trainer, Path]:
+    """A pixel-space LDM with ``latent_norm="channel"`` trained 2 steps on 8 shapes (the fit
+    estimates the mean and std from 2 batches of 4: every training image), one validation
+    batch, saved to ``tmp_path/channel.ckpt``."""
+    torch.manual_seed(0)
+    model = tiny_pixel_ddpm(
+        latent_norm="channel", scale_factor=None, scale_factor_batches=2,
+        sampling={"steps": 2}, num_log_images=2,
+    )
+    data = ShapesDataModule(image_size=16, batch_size=4, num_train=8, num_val=4, num_test=4)
+    connect(model, data)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, data)
+    path = tmp_path / "channel.ckpt"
+    trainer.save_checkpoint(path)
+    return model, trainer, path
+
+
+def test_unknown_latent_norm_and_a_fixed_scale_in_channel_mode_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"latent_norm='pixel' is unknown; valid: \('scalar'"):
+        tiny_pixel_ddpm(latent_norm="pixel")
+    with pytest.raises(ValueError, match=r"scale_factor=1.0 .*model.scale_factor=null"):
+        tiny_pixel_ddpm(latent_norm="channel")  # tiny_pixel_ddpm fixes scale_factor=1.0
+
+
+def test_channel_latent_norm_trains_saves_and_loads(tmp_path: Path) -> None:
+    model, trainer, path = train_channel_ldm(tmp_path)
+    images = torch.stack([item["image"] for item in ShapesDataModule(
+        image_size=16, num_train=8, num_val=4, num_test=4).dataset("train")])
+    expected = LatentStats.of([images])  # identity first stage: the latents are the pixels
+    norm = model.latent_norm
+    assert norm.mode == "channel" and model.scale_factor is None
+    torch.testing.assert_close(torch.tensor(norm.mean, dtype=torch.float64), expected.mean())
+    torch.testing.assert_close(torch.tensor(norm.std, dtype=torch.float64), expected.std())
+    metrics = trainer.callback_metrics  # validation logs the per-channel statistics
+    assert metrics["latent_std/2"].item() == pytest.approx(norm.std[2], rel=1e-6)
+    assert "scale_factor" not in metrics
+
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["latent_norm"] == "channel" and checkpoint["scale_factor"] is None
+    assert checkpoint["latent_mean"] == norm.mean and checkpoint["latent_std"] == norm.std
+    loaded = LatentDiffusionModule.load_from_checkpoint(path)
+    assert loaded.latent_norm.state() == norm.state()
+    samples = loaded.sample(n=2, seed=0)
+    assert samples.shape == (2, 3, 16, 16) and samples.abs().max() <= 1
+    torch.testing.assert_close(samples, model.eval().sample(n=2, seed=0))
+    # What the weights were trained on wins over a mode asked for at load time.
+    asked_scalar = LatentDiffusionModule.load_from_checkpoint(path, latent_norm="scalar")
+    assert asked_scalar.latent_norm.state() == norm.state()
+
+
+def test_a_checkpoint_from_before_the_channel_mode_loads_as_scalar(tmp_path: Path) -> None:
+    _, _, path = train_channel_ldm(tmp_path)
+    old = torch.load(path, weights_only=True)
+    for key in ("latent_norm", "latent_mean", "latent_std"):
+        del old[key]
+    del old["hyper_parameters"]["latent_norm"]
+    old["scale_factor"] = 0.5
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = LatentDiffusionModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.latent_norm.mode == "scalar" and loaded.scale_factor == 0.5
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded.latents({"image": x}), x * 0.5)
+
+
+def test_model_latent_norm_channel_through_the_configs(tmp_path: Path) -> None:
+    """``model.latent_norm=channel`` on the command line: a pixel-space run of 2 steps."""
+    overrides = [
+        "+experiment=shapes_ldm", *TINY_LDM, "model.first_stage.identity=true",
+        "data.cache_latents=false", "model.latent_norm=channel",
+        "model.scale_factor_batches=4",  # 4 batches of 4: all 16 training images
+        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false",
+        "model.sampling.steps=2", "model.num_log_images=2",
+    ]
+    train(compose_config(overrides, tmp_path))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["latent_norm"] == "channel"
+    data = ShapesDataModule(image_size=16, batch_size=4, num_train=16, num_val=8, num_test=8)
+    images = torch.stack([data.dataset("train")[i]["image"] for i in range(16)])
+    expected = LatentStats.of([images])
+    assert checkpoint["latent_norm"] == "channel" and checkpoint["scale_factor"] is None
+    assert checkpoint["latent_mean"] == pytest.approx(expected.mean().tolist(), rel=1e-6)
+    assert checkpoint["latent_std"] == pytest.approx(expected.std().tolist(), rel=1e-6)
+    model = LatentDiffusionModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.latent_norm.std == checkpoint["latent_std"]
+    assert model.sample(n=1, seed=0).isfinite().all()
+    assert list((tmp_path / "images").glob("samples_epoch000_*.png"))
