@@ -204,6 +204,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             "sampler_config": settings["sampler"],
             "guidance_scale": cfg.guidance_scale,
             "guidance_rescale": cfg.guidance_rescale,
+            "guidance_interval": sampling_options(cfg)["guidance_interval"],
             "seed": cfg.seed,
         }
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))

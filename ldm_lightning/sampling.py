@@ -40,12 +40,16 @@ __all__ = [
 # The sampler settings the entry points pass on to LatentDiffusionModule.sample (None: the
 # checkpoint's model.sampling).
 SAMPLING_KEYS = ("sampler", "steps", "eta", "timestep_spacing", "guidance_scale",
-                 "guidance_rescale")
+                 "guidance_rescale", "guidance_interval")
 
 
 def sampling_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`SAMPLING_KEYS` of an entry point's config, as ``sample`` arguments."""
-    return {key: config[key] for key in SAMPLING_KEYS}
+    """The :data:`SAMPLING_KEYS` of an entry point's config, as ``sample`` arguments (plain
+    Python values: a list, not a ListConfig, for ``guidance_interval``)."""
+    options = {key: config[key] for key in SAMPLING_KEYS}
+    if options["guidance_interval"] is not None:
+        options["guidance_interval"] = [float(v) for v in options["guidance_interval"]]
+    return options
 
 
 def batch_conditions(

@@ -154,6 +154,13 @@ def sampler_yaml(option: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(CONF / "model" / "sampler" / f"{option}.yaml"))
 
 
+def process_yaml(option: str) -> dict[str, Any]:
+    """``model.process`` as ``model/process=<option>`` sets it."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / "process" / f"{option}.yaml"))
+
+
+FLOW = {"process": process_yaml("flow")}
+EDM = {"process": process_yaml("edm")}
 CLASS_SAMPLES = {"ckpt_path": "<class_ldm>", "labels": [0, 5]}
 TEXT_SAMPLES = {"ckpt_path": "<text_ldm>", "prompts": ["a red circle on a gray background"]}
 SAMPLE: dict[str, Entry] = {
@@ -168,6 +175,9 @@ SAMPLE: dict[str, Entry] = {
     "timestep_spacing": Live("samples", "leading"),
     "guidance_scale": Live("samples", 3.0, context=CLASS_SAMPLES),
     "guidance_rescale": Live("samples", 0.7, context={**CLASS_SAMPLES, "guidance_scale": 3.0}),
+    "guidance_interval": Live(
+        "samples", [0.5, 2.0], context={**CLASS_SAMPLES, "guidance_scale": 3.0}
+    ),
     "labels": Live("samples", [5], base=[0], context={"ckpt_path": "<class_ldm>"}),
     "prompts": Live(
         "samples", ["a blue square on a white background"], base=TEXT_SAMPLES["prompts"],
@@ -205,6 +215,7 @@ EVALUATE: dict[str, Entry] = {
     "timestep_spacing": Live("report", "leading"),
     "guidance_scale": Live("report", 3.0, context=CLASS_EVAL),
     "guidance_rescale": Live("report", 0.7, context={**CLASS_EVAL, "guidance_scale": 3.0}),
+    "guidance_interval": Live("report", [0.5, 2.0], context={**CLASS_EVAL, "guidance_scale": 3.0}),
     "split": Live("report", "val"),
     "num_real": Live("report", 8),
     "metrics": Live("report", ["fid", "kid"]),
@@ -306,6 +317,20 @@ LDM: dict[str, Entry] = {
     "prediction": Live("loss", "v"),
     "loss_weighting": Live("loss", "min_snr"),
     "min_snr_gamma": Live("loss", 1.0, context={"loss_weighting": "min_snr"}),
+    "offset_noise": Live("loss", 0.1),
+    "process._target_": Live("loss", "ldm_lightning.diffusion.processes.FlowProcess"),
+    # The options of the model/process group's configs (the keys beside their _target_).
+    "process.timestep_sampling": Live("loss", "uniform", context=FLOW),
+    "process.logit_mean": Live("loss", 1.0, context=FLOW),
+    "process.logit_std": Live("loss", 2.0, context=FLOW),
+    "process.shift": Live("loss", 3.0, context=FLOW),
+    "process.time_scale": Live("loss", 1.0, context=FLOW),
+    "process.sigma_data": Live("loss", 0.5, context=EDM),
+    "process.p_mean": Live("loss", 0.0, context=EDM),
+    "process.p_std": Live("loss", 2.0, context=EDM),
+    "process.sigma_min": Live("sample", 0.05, context=EDM),
+    "process.sigma_max": Live("sample", 10.0, context=EDM),
+    "process.rho": Live("sample", 3.0, context=EDM),
     "scale_factor": Live("loss", 0.5),  # null: estimated at fit start
     "scale_factor_batches": Live("loss", 1),
     "latent_norm": Live("loss", "channel"),  # per-channel mean and std, estimated at fit start
@@ -333,6 +358,7 @@ LDM: dict[str, Entry] = {
     "schedule.timesteps": Live("loss", 500),
     "schedule.beta_start": Live("loss", 0.001),
     "schedule.beta_end": Live("loss", 0.03),
+    "schedule.zero_terminal_snr": Live("loss", True, context={"prediction": "v"}),
 }
 
 
@@ -452,6 +478,7 @@ def group_variants(name: str) -> list[list[str]]:
         return [
             *([f"scheduler@model.schedule={option}"] for option in group_options("scheduler")),
             *([f"model/sampler={option}"] for option in group_options("model/sampler")),
+            *([f"model/process={option}"] for option in group_options("model/process")),
         ]
     return [[]]
 

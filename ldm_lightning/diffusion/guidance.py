@@ -17,11 +17,17 @@ towards the conditional one, against the over-exposed, over-saturated samples of
 with std over every dimension but the batch. It is not linear, so it depends on what the model
 outputs; like diffusers' ``guidance_rescale`` it is applied to the model's output (eps for an
 eps-prediction model; the paper uses v).
+
+Guidance interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves
+sample and distribution quality", eq. 6): guidance only at noise levels sigma in (lo, hi], the
+conditional model elsewhere (w = 1); sigma is the noise-to-signal ratio sigma / alpha, EDM's
+sigma, so one interval means the same for every noise process. High noise levels, where guidance
+mostly cuts diversity, and low ones, where it does little, are then sampled without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +41,8 @@ def classifier_free_guidance(
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor],
     rescale: float = 0.0,
+    interval: Sequence[float] | None = None,
+    sigma_of_time: Callable[[Tensor], Tensor] | None = None,
 ) -> ModelFn:
     """Wrap a conditional denoiser into a guided ``model_fn(x [B, ...], t [B]) -> [B, ...]``.
 
@@ -48,6 +56,11 @@ def classifier_free_guidance(
         cond: conditioning keyword tensors, each with batch size B (e.g. ``context`` [B, L, D]).
         uncond: the null conditioning with the same keys and shapes as ``cond``.
         rescale: guidance rescale phi in [0, 1] (0: plain guidance); see the module docstring.
+        interval: ``(lo, hi)``: guide only where lo < sigma <= hi (module docstring); None:
+            everywhere.
+        sigma_of_time: the noise level sigma / alpha of the time ``t`` the model is called with
+            (:meth:`~ldm_lightning.diffusion.processes.NoiseProcess.sigma_hat_of_time`); needed
+            with ``interval``.
     """
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
@@ -61,11 +74,20 @@ def classifier_free_guidance(
                 f"cond[{key!r}] has shape {tuple(value.shape)} but uncond[{key!r}] has "
                 f"{tuple(uncond[key].shape)}; they must match"
             )
+    if interval is not None:
+        lo, hi = (float(v) for v in interval)
+        if not 0 <= lo < hi or sigma_of_time is None:
+            raise ValueError(
+                f"guidance_interval must be [lo, hi] with 0 <= lo < hi (noise levels sigma / "
+                f"alpha), and needs sigma_of_time; got {list(interval)}"
+            )
     if scale == 1:
         return lambda x, t: model(x, t, **cond)
     doubled = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
+        if interval is not None and not lo < float(sigma_of_time(t[:1])) <= hi:
+            return model(x, t, **cond)
         out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), **doubled).chunk(2)
         guided_out = out_uncond + scale * (out_cond - out_uncond)
         return rescale_guidance(guided_out, out_cond, rescale) if rescale else guided_out

@@ -28,8 +28,10 @@ Both integrate the same ODE; first-order steps are identical in either, second-o
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +47,9 @@ from ldm_lightning.diffusion.parameterization import (
 )
 from ldm_lightning.diffusion.schedules import NoiseSchedule, extract
 from ldm_lightning.diffusion.weighting import WEIGHTINGS, loss_weight
+from ldm_lightning.utils.targets import resolve_class
+
+log = logging.getLogger(__name__)
 
 KARRAS_RHO = 7.0
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
@@ -159,6 +164,11 @@ class NoiseProcess(ABC):
     def network_input(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """What the backbone is called with at levels ``t`` [B]: ``(input, time [B])``."""
         return x, t
+
+    @abstractmethod
+    def sigma_hat_of_time(self, time: Tensor) -> Tensor:
+        """sigma / alpha at the levels whose :meth:`network_input` time is ``time`` [B]: how a
+        wrapper of the network (the guidance interval) knows the noise level it is called at."""
 
     @abstractmethod
     def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -284,6 +294,10 @@ class DDPMProcess(NoiseProcess):
         whole = t.is_floating_point() and bool((t == t.round()).all())
         return x, t.long() if whole else t
 
+    def sigma_hat_of_time(self, time: Tensor) -> Tensor:
+        alpha, sigma = self.coefficients(time)
+        return sigma / alpha
+
     def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = self.coefficients(t)
         return target_from(x0, noise, _broadcast(alpha, x0), _broadcast(sigma, x0), self.prediction)
@@ -391,6 +405,10 @@ class FlowProcess(NoiseProcess):
     def network_input(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return x, self.time_scale * t
 
+    def sigma_hat_of_time(self, time: Tensor) -> Tensor:
+        t = time / self.time_scale
+        return t / (1 - t)
+
     def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return noise - x0
 
@@ -472,6 +490,9 @@ class EDMProcess(NoiseProcess):
         _, _, c_in, c_noise = self.preconditioning(t)
         return _broadcast(c_in, x) * x, self.time_scale * c_noise
 
+    def sigma_hat_of_time(self, time: Tensor) -> Tensor:
+        return torch.exp(4 * time / self.time_scale)  # c_noise = ln(sigma) / 4
+
     def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         c_skip, c_out, _, _ = self.preconditioning(t)
         return (x0 - _broadcast(c_skip, x0) * x_t) / _broadcast(c_out, x0)
@@ -490,3 +511,40 @@ class EDMProcess(NoiseProcess):
         x0 = _broadcast(c_skip, x) * x + _broadcast(c_out, x) * output
         return x0, (x - x0) / _broadcast(t, x)
 
+
+DDPM = "ldm_lightning.diffusion.processes.DDPMProcess"
+PROCESS_HINT = f"set model.process._target_ to a NoiseProcess subclass ({DDPM}, ...)"
+
+
+def make_process(
+    spec: Mapping[str, Any] | None,
+    schedule: Mapping[str, Any] | None = None,
+    prediction: str = "eps",
+    loss_weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
+) -> NoiseProcess:
+    """The process of a model config: ``spec`` is ``{_target_: <NoiseProcess class>, **options}``
+    (``conf/model/process/``; None: DDPM). The DDPM process also takes the model's ``schedule``
+    (``NoiseSchedule.make`` arguments), ``prediction``, ``loss_weighting`` and
+    ``min_snr_gamma``; the other processes do not use them, and a setting of them other than
+    the default is logged as ignored."""
+    options = dict(spec or {})
+    cls = resolve_class(options.pop("_target_", DDPM), NoiseProcess, "noise process", PROCESS_HINT)
+    if issubclass(cls, DDPMProcess):
+        made = NoiseSchedule.make(**{"kind": "linear", **(schedule or {})})
+        return cls(made, prediction, loss_weighting, min_snr_gamma, **options)
+    ignored = {
+        key: value
+        for key, value, default in (
+            ("prediction", prediction, "eps"),
+            ("loss_weighting", loss_weighting, "uniform"),
+        )
+        if value != default
+    }
+    if ignored:
+        log.warning(
+            "model.%s apply to the ddpm process only; the %s process ignores them",
+            " and model.".join(f"{k}={v}" for k, v in ignored.items()),
+            cls.name,
+        )
+    return cls(**options)

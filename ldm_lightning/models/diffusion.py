@@ -1,9 +1,10 @@
 """Stage 3: latent diffusion (LDM sec. 3.2-3.3), or pixel-space DDPM with an identity first stage.
 
-Trains ``eps_theta(z_t, t)`` with ``L = E_{z0, eps, t} w(t) ||target - model(z_t, t)||^2``
-(DDPM eq. 14 for ``prediction="eps"`` and uniform ``w``; LDM eq. 2 on latents
+Trains the backbone with ``L = E_{z0, eps, t} w(t) ||target - model(input(z_t), time(t))||^2``
+under a noise process (:mod:`~ldm_lightning.diffusion.processes`: DDPM eq. 14 for the default
+``prediction="eps"`` and uniform ``w``, flow matching or EDM; LDM eq. 2 on normalised latents
 ``z0 = scale_factor * E(x)``) and samples with any sampler of :mod:`ldm_lightning.diffusion`.
-Orchestration only: schedules, samplers, guidance and the UNet live in their own modules.
+Orchestration only: processes, samplers, guidance and the UNet live in their own modules.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from ldm_lightning.data.interface import DataSource
 from ldm_lightning.diffusion import (
     PREDICTIONS,
     WEIGHTINGS,
-    NoiseSchedule,
     classifier_free_guidance,
-    loss_weight,
     make_sampler,
     sample,
-    target,
 )
 from ldm_lightning.diffusion.latent_norm import LatentNormalizer
+from ldm_lightning.diffusion.processes import DDPMProcess, make_process
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.first_stage import FirstStageHolder
@@ -65,10 +64,17 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             ``num_classes``). With ``channel_mult``, the latents must divide by its levels.
         first_stage: ``{"ckpt_path": ..., "identity": false}`` (see ``build_first_stage``).
         image_size: pixel resolution of the data.
+        process: the noise process: ``_target_`` (a
+            :class:`~ldm_lightning.diffusion.processes.NoiseProcess` subclass, DDPM when absent)
+            and its options, as in ``conf/model/process/`` (ddpm | flow | edm).
         schedule: ``NoiseSchedule.make`` arguments (``kind``, ``timesteps``, ``beta_start``,
-            ``beta_end``).
-        prediction: what the UNet predicts: "eps" | "v" | "x0".
-        loss_weighting: "uniform" (L_simple) or "min_snr" (Min-SNR-gamma, ``min_snr_gamma``).
+            ``beta_end``, ``zero_terminal_snr``) of the DDPM process.
+        prediction: what the UNet predicts under the DDPM process: "eps" | "v" | "x0".
+        loss_weighting: "uniform" (L_simple) or "min_snr" (Min-SNR-gamma, ``min_snr_gamma``),
+            under the DDPM process.
+        offset_noise: training noise ``eps + offset_noise * eps_c`` with ``eps_c`` one draw per
+            sample and channel (Guttenberg 2023, "Diffusion with offset noise"), so the model
+            learns to change an image's mean brightness; 0: off.
         scale_factor: latent scale; ``None`` estimates ``1/std(z)`` from ``scale_factor_batches``
             training batches before training and stores it in the checkpoint
             (:class:`~ldm_lightning.diffusion.latent_norm.LatentNormalizer`).
@@ -103,6 +109,8 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         prediction: str = "eps",
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        process: dict[str, Any] | None = None,
+        offset_noise: float = 0.0,
         scale_factor: float | None = None,
         scale_factor_batches: int = 16,
         latent_norm: str = "scalar",
@@ -120,7 +128,10 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             raise ValueError(
                 f"model.loss_weighting={loss_weighting!r} is unknown; valid: {WEIGHTINGS}"
             )
+        if offset_noise < 0:
+            raise ValueError(f"model.offset_noise must be >= 0 (0: off), got {offset_noise}")
         self.latent_norm = LatentNormalizer(scale_factor, latent_norm)
+        self.process = make_process(process, schedule, prediction, loss_weighting, min_snr_gamma)
         self.save_hyperparameters()
         self.attach_first_stage(first_stage)
 
@@ -157,8 +168,6 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
                 f"(channel_mult={list(channel_mult)}); use fewer UNet levels or larger images."
             )
         self.unet = backbone(**unet)
-        self.schedule = NoiseSchedule.make(**{"kind": "linear", **(schedule or {})})
-        self.prediction = prediction
         self.noise_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
@@ -215,29 +224,30 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         cond: dict[str, torch.Tensor],
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``mean_b w(t_b) ||target_b - model(z_t, t)_b||^2`` with t ~ U{0..T-1}, eps ~ N(0, I).
+        """``mean_b w(t_b) ||target_b - model(input(z_t), time(t))_b||^2`` with t drawn by the
+        process (DDPM: t ~ U{0..T-1}), eps ~ N(0, I) (plus offset noise).
 
         ``t`` and ``eps`` are drawn from ``generator`` (on its device) when given.
         """
-        batch = z0.shape[0]
         device = z0.device
+        process = self.process.to(device)
+        t = process.draw_t(z0.shape[0], generator, device)
         draw_on = generator.device if generator is not None else device
-        t = torch.randint(
-            0, self.schedule.timesteps, (batch,), generator=generator, device=draw_on
-        ).to(device)
-        noise = torch.randn(z0.shape, generator=generator, device=draw_on).to(device)
-        if self.schedule.device != device:  # rebuilding it every step would cost float64 work
-            self.schedule = self.schedule.to(device)
-        schedule = self.schedule
-        z_t = to_memory_format(schedule.q_sample(z0, t, noise), self.hparams.channels_last)
-        prediction = self.unet(z_t, t, **cond).float()
+        noise = torch.randn(z0.shape, generator=generator, device=draw_on)
+        if self.hparams.offset_noise:
+            offset = torch.randn(*z0.shape[:2], *[1] * (z0.ndim - 2), generator=generator,
+                                 device=draw_on)
+            noise = noise + self.hparams.offset_noise * offset
+        noise = noise.to(device)
+        z_t = process.q_sample(z0, t, noise)
+        network_input, time = process.network_input(z_t, t)
+        output = self.unet(
+            to_memory_format(network_input, self.hparams.channels_last), time, **cond
+        ).float()
         per_sample = F.mse_loss(
-            prediction, target(z0, noise, t, schedule, self.prediction), reduction="none"
+            output, process.target(z0, noise, z_t, t), reduction="none"
         ).mean(dim=tuple(range(1, z0.ndim)))
-        weights = loss_weight(
-            t, schedule, self.prediction, self.hparams.loss_weighting, self.hparams.min_snr_gamma
-        )
-        return (weights * per_sample).mean()
+        return (process.loss_weight(t) * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z0 = self.latents(batch)
@@ -284,14 +294,15 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         timestep_spacing: str | None = None,
     ) -> dict[str, Any]:
         """The sampler settings :meth:`sample` runs with: the arguments given, else the
-        checkpoint's ``model.sampling``, else DDIM, 50 steps, eta 0, trailing spacing.
+        checkpoint's ``model.sampling``, else DDIM, 50 steps, eta 0 and the process's default
+        spacing (None; DDPM: trailing).
 
         ``sampler`` is a name or a ``{_target_: ..., **options}`` dict (returned as a plain
         dict); a dict's ``eta`` replaces ``model.sampling.eta``, and an ``eta`` given replaces
         both."""
         given = {"sampler": sampler, "steps": steps, "eta": eta,
                  "timestep_spacing": timestep_spacing}
-        settings = {"sampler": "ddim", "steps": 50, "eta": 0.0, "timestep_spacing": "trailing",
+        settings = {"sampler": "ddim", "steps": 50, "eta": 0.0, "timestep_spacing": None,
                     **(self.hparams.sampling or {})}
         settings.update({k: v for k, v in given.items() if v is not None})
         if isinstance(settings["sampler"], Mapping):
@@ -317,14 +328,16 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         unconditional: bool = False,
         guidance_rescale: float = 0.0,
         timestep_spacing: str | None = None,
+        guidance_interval: list[float] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
         Conditional models take ``labels`` or ``prompts`` and apply classifier-free guidance
         ``eps_u + s (eps_c - eps_u)``, ``s = guidance_scale``, in one batched forward pass (Ho &
         Salimans 2022, eq. 6), optionally rescaled (``guidance_rescale``, Lin et al. 2024 eq. 16;
-        see :mod:`ldm_lightning.diffusion.guidance`); ``unconditional=True`` samples with the
-        null condition. The same
+        see :mod:`ldm_lightning.diffusion.guidance`), only at noise levels sigma / alpha in
+        ``guidance_interval`` ``[lo, hi]`` when given (Kynkäänniemi et al. 2024);
+        ``unconditional=True`` samples with the null condition. The same
         ``seed`` gives the same images on any device. With ``return_trajectory`` also the
         latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
         ``sampler`` (a name or a ``_target_`` dict, see :meth:`sampling_settings`), ``steps``,
@@ -339,22 +352,27 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         cond = {k: v.to(self.device) for k, v in cond.items()}
         uncond = {k: v.to(self.device) for k, v in uncond.items()}
         model_fn = classifier_free_guidance(
-            self.unet, guidance_scale, cond, uncond, rescale=guidance_rescale
+            self.unet,
+            guidance_scale,
+            cond,
+            uncond,
+            rescale=guidance_rescale,
+            interval=guidance_interval,
+            sigma_of_time=self.process.sigma_hat_of_time,
         )
         shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
         result = sample(
             model_fn,
             shape,
-            self.schedule,
-            settings["sampler"],
-            settings["steps"],
-            settings["eta"],
-            self.prediction,
+            sampler=settings["sampler"],
+            steps=settings["steps"],
+            eta=settings["eta"],
             generator=torch.Generator().manual_seed(seed),
             device=self.device,
             progress=progress,
             return_trajectory=return_trajectory,
             timestep_spacing=settings["timestep_spacing"],
+            process=self.process,
         )
         z, trajectory = result if return_trajectory else (result, None)
         images = self.decode(z)

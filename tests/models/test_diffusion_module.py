@@ -104,7 +104,7 @@ def test_unknown_prediction_and_sampler_list_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"valid: \('eps', 'v', 'x0'\)"):
         tiny_pixel_ddpm(prediction="noise")
     with pytest.raises(ValueError, match="ddpm"):
-        tiny_pixel_ddpm().sample(n=1, sampler="euler", steps=2)
+        tiny_pixel_ddpm().sample(n=1, sampler="lms", steps=2)
 
 
 DDIM = "ldm_lightning.diffusion.samplers.DDIMSampler"
@@ -155,7 +155,7 @@ def test_diffusion_loss_equals_the_closed_form(prediction: str) -> None:
     generator = torch.Generator().manual_seed(7)
     t = torch.randint(0, 100, (3,), generator=generator)
     noise = torch.randn(z0.shape, generator=generator)
-    abar = model.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = model.process.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
     z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # DDPM eq. 4
     target = {"eps": noise, "x0": z0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * z0}[prediction]
     expected = F.mse_loss(model.unet(z_t, t), target)
