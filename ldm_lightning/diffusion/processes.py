@@ -330,9 +330,10 @@ class FlowProcess(NoiseProcess):
     ``logit_normal`` (t = sigmoid(u), u ~ N(logit_mean, logit_std^2), sec. 3.1), then the
     resolution ``shift`` alpha (sec. 5.3.2): t' = alpha t / (1 + (alpha - 1) t), which moves
     levels towards noise for larger images (their eq. 23). Sampling walks diffusers'
-    ``FlowMatchEulerDiscreteScheduler`` grid, "linspace": t = linspace(1, 1/T, steps) shifted,
-    then 0. The backbone is told ``time_scale * t`` (1000: the range of DDPM timesteps its
-    embedding is made for).
+    ``FlowMatchEulerDiscreteScheduler`` grid, "linspace": t = linspace(1, t_min, steps) shifted,
+    then 0, where t_min = shift(1/T) is the smallest training level already shifted once (so its
+    end is shifted twice, as there and in SD3's reference sampler). The backbone is told
+    ``time_scale * t`` (1000: the range of DDPM timesteps its embedding is made for).
     """
 
     name = "flow"
@@ -400,7 +401,8 @@ class FlowProcess(NoiseProcess):
     def sampling_times(self, steps: int, spacing: str, zero_endpoint: bool) -> list[float]:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        t = torch.linspace(1.0, 1.0 / self.num_train_timesteps, steps, dtype=torch.float64)
+        t_min = self.shifted(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64))
+        t = torch.linspace(1.0, float(t_min), steps, dtype=torch.float64)
         return [float(v) for v in self.shifted(t)]
 
     def denoise(self, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
