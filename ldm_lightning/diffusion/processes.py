@@ -94,6 +94,8 @@ def karras_sigmas(
         raise ValueError(
             f"Karras spacing needs 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}"
         )
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     ramp = np.linspace(0, 1, steps) if steps > 1 else np.zeros(1)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return [float(s) for s in (hi + ramp * (lo - hi)) ** rho]
@@ -227,6 +229,8 @@ class DDPMProcess(NoiseProcess):
             raise ValueError(
                 f"unknown loss weighting {loss_weighting!r}; choose one of: {', '.join(WEIGHTINGS)}"
             )
+        if loss_weighting == "min_snr" and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr needs min_snr_gamma > 0, got {min_snr_gamma}")
         if prediction == "eps" and schedule.alpha_bar(schedule.timesteps - 1) == 0.0:
             raise ValueError(
                 "a zero-terminal-SNR schedule (abar_T = 0) cannot be learnt with "
@@ -354,10 +358,10 @@ class FlowProcess(NoiseProcess):
                 f"unknown timestep_sampling {timestep_sampling!r}; choose one of: "
                 f"{', '.join(TIMESTEP_SAMPLINGS)}"
             )
-        if shift <= 0 or logit_std <= 0 or time_scale <= 0:
+        if shift <= 0 or logit_std <= 0 or time_scale <= 0 or num_train_timesteps < 1:
             raise ValueError(
-                f"shift, logit_std and time_scale must be > 0, got {shift}, {logit_std}, "
-                f"{time_scale}"
+                "shift, logit_std, time_scale and num_train_timesteps must be > 0, got "
+                f"{shift}, {logit_std}, {time_scale}, {num_train_timesteps}"
             )
         self.timestep_sampling = timestep_sampling
         self.logit_mean = logit_mean
@@ -440,11 +444,11 @@ class EDMProcess(NoiseProcess):
         rho: float = KARRAS_RHO,
         time_scale: float = 1000.0,
     ) -> None:
-        if sigma_data <= 0 or p_std <= 0 or not 0 < sigma_min < sigma_max:
+        if min(sigma_data, p_std, rho, time_scale) <= 0 or not 0 < sigma_min < sigma_max:
             raise ValueError(
-                "EDM needs sigma_data > 0, p_std > 0 and 0 < sigma_min < sigma_max, got "
-                f"sigma_data={sigma_data}, p_std={p_std}, sigma_min={sigma_min}, "
-                f"sigma_max={sigma_max}"
+                "EDM needs sigma_data, p_std, rho, time_scale > 0 and 0 < sigma_min < sigma_max, "
+                f"got sigma_data={sigma_data}, p_std={p_std}, rho={rho}, time_scale={time_scale}, "
+                f"sigma_min={sigma_min}, sigma_max={sigma_max}"
             )
         self.sigma_data = sigma_data
         self.p_mean = p_mean
