@@ -99,6 +99,8 @@ def karras_sigmas(
         raise ValueError(
             f"Karras spacing needs 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}"
         )
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     ramp = np.linspace(0, 1, steps) if steps > 1 else np.zeros(1)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return [float(s) for s in (hi + ramp * (lo - hi)) ** rho]
@@ -237,6 +239,8 @@ class DDPMProcess(NoiseProcess):
             raise ValueError(
                 f"unknown loss weighting {loss_weighting!r}; choose one of: {', '.join(WEIGHTINGS)}"
             )
+        if loss_weighting == "min_snr" and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr needs min_snr_gamma > 0, got {min_snr_gamma}")
         if prediction == "eps" and schedule.alpha_bar(schedule.timesteps - 1) == 0.0:
             raise ValueError(
                 "a zero-terminal-SNR schedule (abar_T = 0) cannot be learnt with "
@@ -344,9 +348,10 @@ class FlowProcess(NoiseProcess):
     ``logit_normal`` (t = sigmoid(u), u ~ N(logit_mean, logit_std^2), sec. 3.1), then the
     resolution ``shift`` alpha (sec. 5.3.2): t' = alpha t / (1 + (alpha - 1) t), which moves
     levels towards noise for larger images (their eq. 23). Sampling walks diffusers'
-    ``FlowMatchEulerDiscreteScheduler`` grid, "linspace": t = linspace(1, 1/T, steps) shifted,
-    then 0. The backbone is told ``time_scale * t`` (1000: the range of DDPM timesteps its
-    embedding is made for).
+    ``FlowMatchEulerDiscreteScheduler`` grid, "linspace": t = linspace(1, t_min, steps) shifted,
+    then 0, where t_min = shift(1/T) is the smallest training level already shifted once (so its
+    end is shifted twice, as there and in SD3's reference sampler). The backbone is told
+    ``time_scale * t`` (1000: the range of DDPM timesteps its embedding is made for).
     """
 
     name = "flow"
@@ -367,10 +372,10 @@ class FlowProcess(NoiseProcess):
                 f"unknown timestep_sampling {timestep_sampling!r}; choose one of: "
                 f"{', '.join(TIMESTEP_SAMPLINGS)}"
             )
-        if shift <= 0 or logit_std <= 0 or time_scale <= 0:
+        if shift <= 0 or logit_std <= 0 or time_scale <= 0 or num_train_timesteps < 1:
             raise ValueError(
-                f"shift, logit_std and time_scale must be > 0, got {shift}, {logit_std}, "
-                f"{time_scale}"
+                "shift, logit_std, time_scale and num_train_timesteps must be > 0, got "
+                f"{shift}, {logit_std}, {time_scale}, {num_train_timesteps}"
             )
         self.timestep_sampling = timestep_sampling
         self.logit_mean = logit_mean
@@ -418,7 +423,8 @@ class FlowProcess(NoiseProcess):
     def sampling_times(self, steps: int, spacing: str, zero_endpoint: bool) -> list[float]:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        t = torch.linspace(1.0, 1.0 / self.num_train_timesteps, steps, dtype=torch.float64)
+        t_min = self.shifted(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64))
+        t = torch.linspace(1.0, float(t_min), steps, dtype=torch.float64)
         return [float(v) for v in self.shifted(t)]
 
     def denoise(self, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -456,11 +462,11 @@ class EDMProcess(NoiseProcess):
         rho: float = KARRAS_RHO,
         time_scale: float = 1000.0,
     ) -> None:
-        if sigma_data <= 0 or p_std <= 0 or not 0 < sigma_min < sigma_max:
+        if min(sigma_data, p_std, rho, time_scale) <= 0 or not 0 < sigma_min < sigma_max:
             raise ValueError(
-                "EDM needs sigma_data > 0, p_std > 0 and 0 < sigma_min < sigma_max, got "
-                f"sigma_data={sigma_data}, p_std={p_std}, sigma_min={sigma_min}, "
-                f"sigma_max={sigma_max}"
+                "EDM needs sigma_data, p_std, rho, time_scale > 0 and 0 < sigma_min < sigma_max, "
+                f"got sigma_data={sigma_data}, p_std={p_std}, rho={rho}, time_scale={time_scale}, "
+                f"sigma_min={sigma_min}, sigma_max={sigma_max}"
             )
         self.sigma_data = sigma_data
         self.p_mean = p_mean

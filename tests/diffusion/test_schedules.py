@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
 from ldm_lightning.diffusion import NoiseSchedule, extract
 
@@ -37,6 +39,34 @@ def test_matches_diffusers(kind: str, diffusers_kind: str, beta_start: float, be
     torch.testing.assert_close(
         ours.q_sample(x0, t, noise), ref.add_noise(x0, noise, t), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize(("kind", "diffusers_kind", "beta_start", "beta_end"), CASES[:3])
+def test_zero_terminal_snr(kind: str, diffusers_kind: str, beta_start: float, beta_end: float):
+    """Lin et al. 2024, Algorithm 1: abar_T = 0 exactly, abar_1 kept, sqrt(abar) an affine map of
+    the original's; the same betas as diffusers' rescale_zero_terminal_snr."""
+    kwargs = {"kind": kind, "timesteps": 1000, "beta_start": beta_start, "beta_end": beta_end}
+    base = NoiseSchedule.make(**kwargs)
+    zts = NoiseSchedule.make(**kwargs, zero_terminal_snr=True)
+    assert zts.alpha_bar(999) == 0.0 and zts._betas64[-1] == 1.0
+    assert zts.alpha_bar(0) == pytest.approx(base.alpha_bar(0), rel=1e-15)
+    betas = zts._betas64
+    assert bool((betas[:-1] > 0).all()) and bool((betas[:-1] < 1).all())
+    assert zts.snr[-1] == 0.0 and bool(zts.posterior_log_variance_clipped.isfinite().all())
+
+    old, new = base._alphas_cumprod64.sqrt().numpy(), zts._alphas_cumprod64.sqrt().numpy()
+    slope, intercept = np.polyfit(old, new, 1)
+    np.testing.assert_allclose(slope * old + intercept, new, rtol=0, atol=1e-12)
+
+    torch.testing.assert_close(betas, diffusers_rescale(base._betas64), rtol=0, atol=1e-12)
+    ref = DDIMScheduler(
+        beta_schedule=diffusers_kind,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        rescale_betas_zero_snr=True,
+    )
+    # diffusers rescales in float32
+    torch.testing.assert_close(zts.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=2e-6)
 
 
 def test_hand_values_linear():
@@ -128,6 +158,8 @@ def test_invalid_custom_betas():
         NoiseSchedule(torch.tensor([1.0, 0.5]))  # only the last beta may be 1
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         NoiseSchedule(torch.tensor([0.1, 0.0]))
+    with pytest.raises(ValueError, match=r"the last may be 1"):
+        NoiseSchedule(torch.tensor([0.1, 1.5]))
     with pytest.raises(ValueError, match="1-D"):
         NoiseSchedule(torch.ones(2, 2) * 0.1)
     with pytest.raises(ValueError, match="outside"):
