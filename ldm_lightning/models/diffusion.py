@@ -28,7 +28,7 @@ from ldm_lightning.diffusion import (
     sample,
 )
 from ldm_lightning.diffusion.latent_norm import LatentNormalizer
-from ldm_lightning.diffusion.processes import DDPMProcess, make_process
+from ldm_lightning.diffusion.processes import make_process
 from ldm_lightning.models.checkpoints import SafeLoading, stamp
 from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.first_stage import FirstStageHolder
