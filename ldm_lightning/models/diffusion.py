@@ -294,15 +294,15 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         timestep_spacing: str | None = None,
     ) -> dict[str, Any]:
         """The sampler settings :meth:`sample` runs with: the arguments given, else the
-        checkpoint's ``model.sampling``, else DDIM, 50 steps, eta 0 and the process's default
-        spacing (None; DDPM: trailing).
+        checkpoint's ``model.sampling``, else DDIM, 50 steps, the sampler's own eta (None: DDIM
+        0, Euler ancestral 1) and the process's default spacing (None; DDPM: trailing).
 
         ``sampler`` is a name or a ``{_target_: ..., **options}`` dict (returned as a plain
         dict); a dict's ``eta`` replaces ``model.sampling.eta``, and an ``eta`` given replaces
         both."""
         given = {"sampler": sampler, "steps": steps, "eta": eta,
                  "timestep_spacing": timestep_spacing}
-        settings = {"sampler": "ddim", "steps": 50, "eta": 0.0, "timestep_spacing": None,
+        settings = {"sampler": "ddim", "steps": 50, "eta": None, "timestep_spacing": None,
                     **(self.hparams.sampling or {})}
         settings.update({k: v for k, v in given.items() if v is not None})
         if isinstance(settings["sampler"], Mapping):
