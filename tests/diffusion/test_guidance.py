@@ -116,3 +116,54 @@ def test_full_rescale_gives_the_conditional_std_and_zero_is_plain(conditioning):
     torch.testing.assert_close(full.flatten(1).std(1), c.flatten(1).std(1))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         classifier_free_guidance(model, 5.0, cond, uncond, rescale=1.5)
+
+
+def test_guidance_interval_guides_only_inside_it(conditioning):
+    """Kynkäänniemi et al. 2024: inside (lo, hi] the guided output (one doubled pass), outside
+    the conditional one (one plain pass); the level is sigma / alpha of the call's time."""
+    cond, uncond = conditioning
+    model = CountingModel()
+    x = torch.randn(3, 2, 5, 5)
+    sigma_of_time = {100: 0.5, 500: 2.0, 900: 8.0}
+    guided = classifier_free_guidance(
+        model, 4.0, cond, uncond, interval=(1.0, 4.0),
+        sigma_of_time=lambda t: torch.tensor([sigma_of_time[int(t[0])]]),
+    )
+    plain = classifier_free_guidance(model, 4.0, cond, uncond)
+    for time, inside in ((100, False), (500, True), (900, False)):
+        t = torch.full((3,), time)
+        model.batch_sizes.clear()
+        expected = plain(x, t) if inside else model(x, t, **cond)
+        torch.testing.assert_close(guided(x, t), expected)
+        assert model.batch_sizes[-1] == (6 if inside else 3)
+
+
+def test_guidance_interval_in_sampling_spans_plain_and_no_guidance(conditioning):
+    """An interval around every level of the grid is plain guidance; one around none is w = 1."""
+    from ldm_lightning.diffusion.processes import DDPMProcess
+
+    cond, uncond = conditioning
+    process = DDPMProcess(NoiseSchedule.make("linear"))
+    model = CountingModel()
+
+    def draw(interval=None, scale=4.0):
+        model_fn = classifier_free_guidance(
+            model, scale, cond, uncond, interval=interval,
+            sigma_of_time=process.sigma_hat_of_time,
+        )
+        return sample(model_fn, (3, 2, 5, 5), process=process, steps=8,
+                      generator=torch.Generator().manual_seed(0))
+
+    everywhere, nowhere = draw((0.0, 1e9)), draw((1e8, 1e9))
+    torch.testing.assert_close(everywhere, draw())
+    torch.testing.assert_close(nowhere, draw(scale=1.0))
+    assert not torch.allclose(draw((0.0, 1.0)), everywhere)
+
+
+def test_a_bad_guidance_interval_says_what_is_wrong(conditioning):
+    cond, uncond = conditioning
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        classifier_free_guidance(CountingModel(), 3.0, cond, uncond, interval=(2.0, 1.0),
+                                 sigma_of_time=lambda t: t)
+    with pytest.raises(ValueError, match="needs sigma_of_time"):
+        classifier_free_guidance(CountingModel(), 3.0, cond, uncond, interval=(0.0, 1.0))
