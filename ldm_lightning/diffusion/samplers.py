@@ -375,7 +375,8 @@ def sampler_class(spec: str | Mapping[str, Any]) -> type[Sampler]:
 def make_sampler(spec: str | Mapping[str, Any] | Sampler, **options: Any) -> Sampler:
     """The sampler ``spec`` describes: a :class:`Sampler` as it is, or its class
     (:func:`sampler_class`) built with a dict's options, and for the arguments the dict leaves
-    out, those of ``options`` its constructor takes (:func:`sample`'s ``eta`` and ``variance``)."""
+    out, those of ``options`` its constructor takes and that are not None (:func:`sample`'s ``eta``
+    and ``variance``)."""
     if isinstance(spec, Sampler):
         return spec
     cls = sampler_class(spec)
@@ -387,12 +388,16 @@ def make_sampler(spec: str | Mapping[str, Any] | Sampler, **options: Any) -> Sam
             f"sampler {cls.__name__} has no option {', '.join(unknown)}; its options: "
             f"{', '.join(accepted) or 'none'}"
         )
-    return cls(**{**{k: v for k, v in options.items() if k in accepted}, **own})
+    given = {k: v for k, v in options.items() if k in accepted and v is not None}
+    return cls(**{**given, **own})
 
 
-def _check_args(eta: float, variance: str, shape: Sequence[int], x_T: Tensor | None) -> None:
+def _check_args(
+    eta: float | None, variance: str, shape: Sequence[int], x_T: Tensor | None
+) -> None:
     check_variance(variance)
-    check_eta(eta)
+    if eta is not None:
+        check_eta(eta)
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
 
@@ -417,7 +422,7 @@ def sample(
     schedule: NoiseSchedule | None = None,
     sampler: str | Mapping[str, Any] | Sampler = "ddim",
     steps: int | None = 50,
-    eta: float = 0.0,
+    eta: float | None = None,
     prediction: str = "eps",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -447,9 +452,10 @@ def sample(
         steps: number of steps (model evaluations, two per step for Heun but the last); ``None``
             runs all ``schedule.timesteps`` of a DDPM schedule (T, which "dpmpp_2m" allows only
             with "trailing": see :func:`inference_timesteps`).
-        eta: DDIM noise scale (0 deterministic, 1 matches DDPM's posterior variance). Like
-            ``variance``, it goes to the samplers that take it, unless a dict or a Sampler
-            sets it.
+        eta: the share of fresh noise per step, for DDIM (0 deterministic, 1 matches DDPM's
+            posterior variance) and Euler ancestral. Like ``variance``, it goes to the samplers
+            that take it, unless a dict or a Sampler sets it; None: each sampler's own default
+            (DDIM 0, Euler ancestral 1).
         generator: source of all random numbers (see module docstring).
         device: where to sample; defaults to ``x_T``'s device, else the CPU.
         x_T: [B, ...] starting point instead of drawing it (noise scaled by the process's
