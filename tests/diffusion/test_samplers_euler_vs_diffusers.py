@@ -149,16 +149,17 @@ def test_ddpm_process_matches(sampler: str, spacing: str, steps: int, prediction
 
 
 @pytest.mark.parametrize(
-    ("sampler", "shift", "steps"), [("euler", 1.0, 20), ("euler", 3.0, 20), ("heun", 1.0, 12)]
+    ("sampler", "shift", "steps"),
+    [("euler", 1.0, 20), ("euler", 3.0, 20), ("heun", 1.0, 12), ("heun", 3.0, 12)],
 )
 def test_flow_process_matches(sampler: str, shift: float, steps: int):
-    if sampler == "euler":
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        grid = {} if shift == 1.0 else {"sigmas": np.linspace(1.0, 1 / 1000, steps)}
-        scheduler.set_timesteps(None if grid else steps, **grid)
-    else:
-        scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        scheduler.set_timesteps(steps)
+    """On diffusers' own grid for the shift (``set_timesteps(steps)``, which shifts a grid whose
+    low end 1/T is shifted already, as SD3's reference sampler does)."""
+    scheduler_class = (
+        FlowMatchEulerDiscreteScheduler if sampler == "euler" else FlowMatchHeunDiscreteScheduler
+    )
+    scheduler = scheduler_class(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
     theirs = run_scheduler(scheduler, toy_denoiser, torch.Generator().manual_seed(2))
     ours = run_ours(FlowProcess(shift=shift), sampler, steps, theirs[0], seed=2)
     assert_same_run(ours, theirs)
