@@ -195,8 +195,9 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=8, help="samples per prompt/label")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim")
-    parser.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"],
-                        help="default: the checkpoint's model.sampling.timestep_spacing")
+    parser.add_argument("--timestep-spacing",
+                        help="one of the checkpoint's process's spacings (ddpm: leading, "
+                             "trailing, linspace, karras); default: its model.sampling")
     parser.add_argument("--calibration", type=int, default=1000, help="real renders to check")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/conditioning"))
     parser.add_argument("--seed", type=int, default=0)
