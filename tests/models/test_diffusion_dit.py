@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm_lightning.models import LatentDiffusionModule
-from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.models.checkpoints import export_stage, load_stage
 from ldm_lightning.nn.dit import DiT
 from ldm_lightning.train import train
 from tests.checkpoint_utils import perturbed_copy, write_checkpoint
@@ -116,12 +116,16 @@ def test_model_backbone_dit_trains_through_the_configs(dit_run: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def woken_dit(dit_run: Path, tmp_path_factory: pytest.TempPathFactory) -> LatentDiffusionModule:
+def woken_ckpt(dit_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained DiT LDM with noise on its weights: two steps leave its zero-initialised
     final layer near 0, and samples would hardly depend on the weights."""
-    ckpt = perturbed_copy(dit_run / "checkpoints" / "last.ckpt",
+    return perturbed_copy(dit_run / "checkpoints" / "last.ckpt",
                           tmp_path_factory.mktemp("woken") / "woken.ckpt")
-    return load_stage(LatentDiffusionModule, ckpt, "latent_diffusion")
+
+
+@pytest.fixture(scope="module")
+def woken_dit(woken_ckpt: Path) -> LatentDiffusionModule:
+    return load_stage(LatentDiffusionModule, woken_ckpt, "latent_diffusion")
 
 
 SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "euler", "heun"]
@@ -142,3 +146,12 @@ def test_a_dit_checkpoint_round_trip_samples_alike_with_every_sampler(
         assert samples[sampler].shape == (2, 3, 16, 16) and samples[sampler].isfinite().all()
         assert torch.equal(again.sample(n=2, steps=2, sampler=sampler, seed=0), samples[sampler])
     assert not torch.allclose(samples["ddpm"], samples["ddim"])
+
+
+def test_a_dit_export_samples_as_its_checkpoint(
+    woken_ckpt: Path, woken_dit: LatentDiffusionModule, tmp_path: Path
+) -> None:
+    exported = LatentDiffusionModule.load_from_checkpoint(export_stage(woken_ckpt, tmp_path / "x"))
+    assert type(exported.unet) is DiT
+    samples = woken_dit.sample(n=2, steps=2, seed=0)
+    assert torch.equal(exported.sample(n=2, steps=2, seed=0), samples)
