@@ -82,7 +82,7 @@ class PatchEmbed(nn.Module):
 
 class TimestepEmbedder(nn.Module):
     """``t -> MLP(timestep_embedding(t))``: 256 sinusoidal frequencies, then
-    Linear-SiLU-Linear to the width ``D`` (sec. 3.2, "Timestep t and class label y")."""
+    Linear-SiLU-Linear to the width ``D`` (sec. 3.2, "DiT block design")."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
         super().__init__()
@@ -227,8 +227,8 @@ class DiT(nn.Module):
         in_channels, out_channels: channels of ``x_t`` and of the prediction (the latent's).
         input_size: the height and width ``I`` of the inputs (the latent size); a multiple of
             ``patch_size``.
-        patch_size: ``p`` in 1, 2, 4, 8: smaller patches, more tokens, more compute (sec. 4,
-            "Patch size"); DiT-XL/2 is ``p = 2``.
+        patch_size: ``p`` in 1, 2, 4, 8: smaller patches, more tokens, more compute and lower
+            FID (sec. 5, "Scaling model size and patch size"); DiT-XL/2 is ``p = 2``.
         hidden_size, depth, num_heads: width ``D``, number of blocks, attention heads (Table 1:
             S 384/12/6, B 768/12/12, L 1024/24/16, XL 1152/28/16; :data:`SIZES`).
         mlp_ratio: the MLP's hidden width over ``D``.
