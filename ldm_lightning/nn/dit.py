@@ -238,6 +238,8 @@ class DiT(nn.Module):
         context_dim: width of context tokens [B, L, context_dim] to cross-attend to (text or
             class tokens); None: no cross-attention.
         use_checkpoint: gradient checkpointing of every block during training.
+
+    The size defaults are DiT-XL/2's.
     """
 
     def __init__(
@@ -283,7 +285,8 @@ class DiT(nn.Module):
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.empty(1, self.grid_size**2, hidden_size))
         else:  # a function of the sizes, not a weight: left out of the state dict
-            positions = sincos_2d(hidden_size, self.grid_size)[None]
+            device = self.x_embedder.proj.weight.device  # where the module is being built
+            positions = sincos_2d(hidden_size, self.grid_size)[None].to(device)
             self.register_buffer("pos_embed", positions, persistent=False)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim, use_checkpoint)

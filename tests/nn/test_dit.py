@@ -204,3 +204,10 @@ def test_bf16_autocast_close_to_fp32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**inputs)
     assert (out.float() - ref).norm() / ref.norm() < 0.05
+
+
+def test_the_position_embedding_is_built_where_the_module_is() -> None:
+    with torch.device("meta"):
+        model = _dit()
+    assert model.pos_embed.device.type == "meta"
+    assert _dit().pos_embed.device.type == "cpu"
