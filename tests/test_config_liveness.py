@@ -3,7 +3,8 @@
 The keys are read from the YAML files themselves: ``conf/sample.yaml``, ``conf/evaluate.yaml``
 and every ``conf/model/*.yaml`` as Hydra composes it (its defaults included: vq.yaml into
 kl.yaml, conditioner_text.yaml into conditioner_class.yaml, each ``conf/scheduler`` option into
-ldm.yaml's ``schedule``, each ``conf/model/sampler`` option into its ``sampling.sampler``), and
+ldm.yaml's ``schedule``, each ``conf/model/sampler`` option into its ``sampling.sampler``, each
+``conf/model/backbone`` option into its ``unet``), and
 every option of ldm.yaml's ``model/conditioning`` group, each a config of its own
 (``model/conditioning/<option>``, keys relative to ``model.conditioning``).
 ``TABLE`` gives each ``<config>:<dotted key>`` one entry:
@@ -159,8 +160,15 @@ def process_yaml(option: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(CONF / "model" / "process" / f"{option}.yaml"))
 
 
+def backbone_yaml(option: str) -> dict[str, Any]:
+    """``model.unet`` as ``model/backbone=<option>`` sets it (an option without defaults)."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / "backbone" / f"{option}.yaml"))
+
+
 FLOW = {"process": process_yaml("flow")}
 EDM = {"process": process_yaml("edm")}
+# A tiny DiT-S: model/backbone=dit_s with small sizes.
+DIT = {"unet": {**backbone_yaml("dit_s"), "hidden_size": 16, "depth": 2, "num_heads": 2}}
 CLASS_SAMPLES = {"ckpt_path": "<class_ldm>", "labels": [0, 5]}
 TEXT_SAMPLES = {"ckpt_path": "<text_ldm>", "prompts": ["a red circle on a gray background"]}
 SAMPLE: dict[str, Entry] = {
@@ -314,6 +322,15 @@ LDM: dict[str, Entry] = {
     "unet.num_head_channels": Live("sample", 4),  # same weights, other heads
     "unet.dropout": Live("loss", 0.5),
     "unet.use_checkpoint": Live("recompute", True),
+    # The keys of the DiT options of model/backbone (dit_s, dit_b, ...) beside the UNet's.
+    # null follows the latent size (16 here), the only size the DiT's inputs have.
+    "unet.input_size": Live("sample", 8, context=DIT, raises="built for input_size 8"),
+    "unet.patch_size": Live("structure", 4, context=DIT),
+    "unet.hidden_size": Live("structure", 32, context=DIT),
+    "unet.depth": Live("structure", 1, context=DIT),
+    "unet.num_heads": Live("sample", 4, context=DIT),  # same weights, other heads
+    "unet.mlp_ratio": Live("structure", 2.0, context=DIT),
+    "unet.pos_embed": Live("structure", "learned", context=DIT),
     "prediction": Live("loss", "v"),
     "loss_weighting": Live("loss", "min_snr"),
     "min_snr_gamma": Live("loss", 1.0, context={"loss_weighting": "min_snr"}),
@@ -474,11 +491,12 @@ def model_names() -> list[str]:
 
 def group_variants(name: str) -> list[list[str]]:
     """Overrides giving every option of the groups a model config pulls in."""
-    if name == "ldm":  # defaults: /scheduler@schedule, and sampler (model.sampling.sampler)
+    if name == "ldm":  # defaults: /scheduler@schedule, sampler, process, backbone (model.unet)
         return [
             *([f"scheduler@model.schedule={option}"] for option in group_options("scheduler")),
             *([f"model/sampler={option}"] for option in group_options("model/sampler")),
             *([f"model/process={option}"] for option in group_options("model/process")),
+            *([f"model/backbone={option}"] for option in group_options("model/backbone")),
         ]
     return [[]]
 

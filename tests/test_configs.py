@@ -72,3 +72,38 @@ def test_unet_sizes_match_their_references(
     unet["in_channels"] = unet["out_channels"] = 3
     count = sum(p.numel() for p in UNetModel(**unet).parameters()) / 1e6
     assert millions[0] < count < millions[1]
+
+
+BACKBONES = Path(__file__).parents[1] / "conf" / "model" / "backbone"
+
+
+def test_ldm_selects_the_unet_backbone_at_model_unet(tmp_path: Path) -> None:
+    unet = compose_config(["model=ldm"], tmp_path).model.unet
+    assert OmegaConf.to_container(unet) == OmegaConf.to_container(
+        OmegaConf.load(BACKBONES / "unet.yaml")
+    )
+
+
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if "ldm" in e or "ddpm" in e])
+def test_a_dit_replaces_an_experiments_unet_whole(name: str, tmp_path: Path) -> None:
+    """``model/backbone=dit_s`` after any diffusion experiment gives dit_s.yaml's keys, none of
+    the UNet sizes the experiment chose (it chooses them as a backbone option)."""
+    base = compose_config([f"+experiment={name}"], tmp_path).model
+    dit = compose_config([f"+experiment={name}", "model/backbone=dit_s"], tmp_path).model
+    assert OmegaConf.to_container(dit.unet) == OmegaConf.to_container(
+        OmegaConf.load(BACKBONES / "dit_s.yaml")
+    )
+    others = {key for key in base if key != "unet"}
+    assert {key: dit[key] for key in others} == {key: base[key] for key in others}
+
+
+@pytest.mark.parametrize(("size", "widths"), [
+    ("b", (768, 12, 12)), ("l", (1024, 24, 16)), ("xl", (1152, 28, 16)), ("shapes", (192, 6, 6)),
+])
+def test_dit_sizes_are_dit_s_with_table_1s_sizes(size: str, widths: tuple, tmp_path: Path) -> None:
+    unet = compose_config(["model=ldm", f"model/backbone=dit_{size}"], tmp_path).model.unet
+    small = OmegaConf.load(BACKBONES / "dit_s.yaml")
+    assert (unet.hidden_size, unet.depth, unet.num_heads) == widths
+    assert {k: v for k, v in unet.items() if k not in ("hidden_size", "depth", "num_heads")} == {
+        k: v for k, v in small.items() if k not in ("hidden_size", "depth", "num_heads")
+    }

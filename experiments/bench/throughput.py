@@ -117,7 +117,7 @@ def run(
 
 # ---------------------------------------------------------------- latent diffusion UNet
 def unet_args() -> argparse.Namespace:
-    """The shapes_ldm UNet (conf/experiment/shapes_ldm.yaml) in unet_vs_diffusers' terms."""
+    """The shapes_ldm UNet (conf/model/backbone/unet_shapes.yaml) in unet_vs_diffusers' terms."""
     return argparse.Namespace(
         channels=3,
         resolution=8,

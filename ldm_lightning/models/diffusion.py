@@ -34,6 +34,7 @@ from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.first_stage import FirstStageHolder
 from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
+from ldm_lightning.nn.backbone import input_multiple
 from ldm_lightning.utils.targets import resolve_class
 
 log = logging.getLogger(__name__)
@@ -47,21 +48,19 @@ BACKBONE_HINT = (
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "base_lr": 1e-4, "betas": (0.9, 0.999)}
 
 
-def default_argument(cls: type, name: str) -> Any:
-    """The default of ``cls``'s constructor argument ``name``; None when it has none."""
-    parameter = inspect.signature(cls).parameters.get(name)
-    return None if parameter is None or parameter.default is parameter.empty else parameter.default
-
-
 class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
-        unet: the backbone: ``_target_``, a ``torch.nn.Module`` subclass (default
-            :class:`~ldm_lightning.nn.unet.UNetModel`, also for checkpoints without it), and its
-            keyword arguments; ``in_channels`` and ``out_channels`` default to the first
-            stage's latent channels, and the conditioning adds its own (``context_dim``,
-            ``num_classes``). With ``channel_mult``, the latents must divide by its levels.
+        unet: the backbone (the name stays ``unet`` for every backbone, so checkpoints keep
+            their keys): ``_target_``, a ``torch.nn.Module`` subclass (default
+            :class:`~ldm_lightning.nn.unet.UNetModel`, also for checkpoints without it; or
+            :class:`~ldm_lightning.nn.dit.DiT`, ``conf/model/backbone/``), and its keyword
+            arguments; ``in_channels`` and ``out_channels`` default to the first stage's latent
+            channels, ``input_size`` (where the class takes it) to the latent size, and the
+            conditioning adds its own (``context_dim``, ``num_classes``). The latent size must
+            be a multiple of what the class's ``input_multiple`` asks (the UNet's downsampling,
+            the DiT's patch size; :mod:`ldm_lightning.nn.backbone`).
         first_stage: ``{"ckpt_path": ..., "identity": false}`` (see ``build_first_stage``).
         image_size: pixel resolution of the data.
         process: the noise process: ``_target_`` (a
@@ -159,13 +158,14 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
                 f"factor f={factor}"
             )
         self.latent_size = image_size // factor
-        channel_mult = unet.get("channel_mult", default_argument(backbone, "channel_mult"))
-        unet_factor = 2 ** (len(channel_mult or (1,)) - 1)
-        if self.latent_size % unet_factor:
+        takes_size = "input_size" in inspect.signature(backbone).parameters
+        if takes_size and unet.get("input_size") is None:  # missing or null: the latent size
+            unet["input_size"] = self.latent_size
+        multiple, reason = input_multiple(backbone, unet)
+        if self.latent_size % multiple:
             raise ValueError(
                 f"latents are {self.latent_size}x{self.latent_size} (image_size {image_size} / f "
-                f"{factor}), not divisible by the UNet's downsampling {unet_factor} "
-                f"(channel_mult={list(channel_mult)}); use fewer UNet levels or larger images."
+                f"{factor}), not divisible by {reason}."
             )
         self.unet = backbone(**unet)
         self.noise_generator: torch.Generator | None = None

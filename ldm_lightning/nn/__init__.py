@@ -1,2 +1,2 @@
 """Plain torch modules (no Lightning, no Hydra): first stage (autoencoder
-network, identity), quantiser, UNet, attention."""
+network, identity), quantiser, backbones (UNet, DiT), attention."""

@@ -7,7 +7,8 @@ Module and parameter names follow CompVis ``openaimodel.UNetModel`` so its check
 name (``model.diffusion_model.`` prefix stripped).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,10 @@ from ldm_lightning.nn.attention import (
     normalization,
     zero_module,
 )
+from ldm_lightning.nn.backbone import check_inputs
 from ldm_lightning.nn.embeddings import timestep_embedding
+
+CHANNEL_MULT = (1, 2, 4, 8)  # UNetModel's default levels
 
 
 class Upsample(nn.Module):
@@ -178,7 +182,7 @@ class UNetModel(nn.Module):
         model_channels: int,
         num_res_blocks: int,
         attention_resolutions: Sequence[int],
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        channel_mult: Sequence[int] = CHANNEL_MULT,
         dropout: float = 0.0,
         num_heads: int = -1,
         num_head_channels: int = -1,
@@ -309,6 +313,17 @@ class UNetModel(nn.Module):
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
 
+    @classmethod
+    def input_multiple(cls, settings: Mapping[str, Any]) -> tuple[int, str]:
+        """Inputs must divide by the downsampling ``2 ** (len(channel_mult) - 1)`` of the
+        levels ``settings["channel_mult"]`` (the :mod:`~ldm_lightning.nn.backbone` protocol)."""
+        channel_mult = list(settings.get("channel_mult", CHANNEL_MULT) or (1,))
+        factor = 2 ** (len(channel_mult) - 1)
+        return factor, (
+            f"the UNet's downsampling {factor} (channel_mult={channel_mult}); use fewer UNet "
+            "levels or larger images"
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -343,44 +358,15 @@ class UNetModel(nn.Module):
         self, x: Tensor, timesteps: Tensor, context: Tensor | None, class_labels: Tensor | None
     ) -> Tensor:
         """Raise a ValueError naming the mismatch; return timesteps broadcast to [B]."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
-        b, _, h, w = x.shape
+        timesteps = check_inputs(
+            "UNet", x, timesteps, context, class_labels, in_channels=self.in_channels,
+            context_dim=self.context_dim, num_classes=self.num_classes,
+        )
+        h, w = x.shape[-2:]
         f = self.downsample_factor
         if h % f or w % f:
             raise ValueError(
                 f"input size {h}x{w} is not divisible by {f} = 2 ** (len(channel_mult) - 1); "
                 f"crop or pad to a multiple of {f}, or use fewer levels"
-            )
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(b)
-        if timesteps.shape != (b,):
-            raise ValueError(
-                f"timesteps must be [B] = [{b}] (or a scalar), got shape {tuple(timesteps.shape)}"
-            )
-        if self.context_dim is None and context is not None:
-            raise ValueError(
-                "a context was passed but this UNet has no cross-attention (context_dim=None); "
-                "build it with context_dim set to the conditioner's output width"
-            )
-        if self.context_dim is not None:
-            if context is None:
-                raise ValueError(
-                    f"this UNet cross-attends to a context [B, L, {self.context_dim}]; for "
-                    "unconditional samples pass the conditioner's null context"
-                )
-            if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-                raise ValueError(
-                    f"context must be [B={b}, L, {self.context_dim}], got {tuple(context.shape)}"
-                )
-        if (class_labels is None) != (self.num_classes is None):
-            state = "missing" if class_labels is None else "given"
-            raise ValueError(
-                f"class_labels are required iff num_classes is set "
-                f"(num_classes={self.num_classes}, class_labels {state})"
-            )
-        if class_labels is not None and class_labels.shape != (b,):
-            raise ValueError(
-                f"class_labels must be [B] = [{b}], got shape {tuple(class_labels.shape)}"
             )
         return timesteps
