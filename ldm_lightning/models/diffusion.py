@@ -10,7 +10,6 @@ Orchestration only: processes, samplers, guidance and the UNet live in their own
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,16 +26,14 @@ from ldm_lightning.diffusion import (
     make_sampler,
     sample,
 )
-from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.diffusion.processes import make_process
-from ldm_lightning.models.checkpoints import SafeLoading, stamp
+from ldm_lightning.models.checkpoints import SafeLoading
 from ldm_lightning.models.conditioning import build_conditioning
-from ldm_lightning.models.first_stage import FirstStageHolder
+from ldm_lightning.models.latent_space import LatentSpace
 from ldm_lightning.models.optim import build_optimizer
-from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
+from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.utils.targets import resolve_class
 
-log = logging.getLogger(__name__)
 # model.unet of a config (or checkpoint) without _target_.
 BACKBONE = "ldm_lightning.nn.unet.UNetModel"
 BACKBONE_HINT = (
@@ -53,7 +50,7 @@ def default_argument(cls: type, name: str) -> Any:
     return None if parameter is None or parameter.default is parameter.empty else parameter.default
 
 
-class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
+class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
@@ -130,10 +127,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             )
         if offset_noise < 0:
             raise ValueError(f"model.offset_noise must be >= 0 (0: off), got {offset_noise}")
-        self.latent_norm = LatentNormalizer(scale_factor, latent_norm)
         self.process = make_process(process, schedule, prediction, loss_weighting, min_snr_gamma)
         self.save_hyperparameters()
-        self.attach_first_stage(first_stage)
+        self.attach_latent_space(first_stage, scale_factor, latent_norm)
 
         channels = self.first_stage.latent_channels
         unet = dict(unet)
@@ -168,33 +164,10 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
                 f"(channel_mult={list(channel_mult)}); use fewer UNet levels or larger images."
             )
         self.unet = backbone(**unet)
-        self.noise_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
-    @property
-    def scale_factor(self) -> float | None:
-        """The latent scale ``1 / std(z)``; None until estimated or loaded, and in channel mode
-        (``latent_norm.mean`` and ``latent_norm.std`` hold the per-channel statistics)."""
-        return self.latent_norm.scale
-
-    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Normalised latents ``z0`` (``scale_factor * E(x)``, or per channel: ``latent_norm``) of
-        a batch of images or cached latents."""
-        return self.latent_norm.normalize(self.unscaled_latents(batch).float())
-
-    @torch.no_grad()
-    def unscaled_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``E(x)``: the cached latents of a batch, or its images encoded by the first stage."""
-        if "latent" in batch:
-            return batch["latent"].to(self.device)
-        return self.first_stage.encode(batch["image"].to(self.device))
-
     def configure_model(self) -> None:
         apply_speed_switches([self.unet], self.hparams.compile, self.hparams.channels_last)
-
-    def setup(self, stage: str) -> None:
-        if self._data is not None:
-            self.adopt_data(self._data)
 
     def adopt_data(self, data: DataSource) -> None:
         """Check ``data``'s labels against the model's and take what the config left open (the
@@ -204,14 +177,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     def on_fit_start(self) -> None:
         make_sampler(self.sampling_settings()["sampler"])  # refused now, not at the first samples
         self.conditioner.prepare(self._data)
-        self.noise_generator = rank_generator(self)
-        if not self.latent_norm.fitted:
-            # Over the first ``scale_factor_batches`` training batches; rank 0's for all ranks.
-            data = self.data_source("the latent scale factor (model.scale_factor: null)")
-            self.latent_norm.fit(data.latent_stats(self.hparams.scale_factor_batches))
-            state = self.trainer.strategy.broadcast(self.latent_norm.state(), src=0)
-            self.latent_norm.load_state(state)
-            log.info("Latent normalisation estimated from data: %r", self.latent_norm)
+        super().on_fit_start()
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
@@ -278,7 +244,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             sync_dist=True,
         )
         if batch_idx == 0 and prefix == "val":
-            self.log_dict(self.latent_norm.summary(), on_epoch=True, batch_size=1)
+            self.log_latent_norm()
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -397,12 +363,3 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             "samples": (images, max(1, int(n**0.5))),
             "trajectory": (frames.flatten(0, 1), columns),
         }
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stamp(checkpoint, self.kind, self)
-        checkpoint.update(self.latent_norm.state())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.latent_norm.load_state(checkpoint)
