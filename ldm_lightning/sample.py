@@ -20,6 +20,7 @@ from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.sampling import (
     batch_conditions,
     generate,
+    guidance_classifier,
     per_class_labels,
     sampling_options,
     write_samples,
@@ -33,7 +34,8 @@ def run(cfg: DictConfig) -> Path:
     model = load_stage(
         LatentDiffusionModule, cfg.ckpt_path, "latent_diffusion", trust=cfg.trust_checkpoint
     )
-    model.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    model.to(device)
 
     def optional(value: Any) -> Any:
         return OmegaConf.to_object(value) if value is not None else None
@@ -53,6 +55,7 @@ def run(cfg: DictConfig) -> Path:
         **sampling_options(cfg),
         negative_prompts=optional(cfg.negative_prompts),
         unconditional=cfg.unconditional,
+        classifier=guidance_classifier(cfg, device),
     )
     images = torch.cat([batch.cpu() for batch in batches])
     nrow = cfg.grid_nrow or (cfg.per_class if cfg.per_class else None)

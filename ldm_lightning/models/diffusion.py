@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -33,6 +33,9 @@ from ldm_lightning.models.latent_space import LatentSpace
 from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.utils.targets import resolve_class
+
+if TYPE_CHECKING:
+    from ldm_lightning.models.noisy_classifier import NoisyClassifierModule
 
 # model.unet of a config (or checkpoint) without _target_.
 BACKBONE = "ldm_lightning.nn.unet.UNetModel"
@@ -295,6 +298,8 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
         guidance_rescale: float = 0.0,
         timestep_spacing: str | None = None,
         guidance_interval: list[float] | None = None,
+        classifier: NoisyClassifierModule | None = None,
+        classifier_scale: float = 0.0,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
@@ -303,7 +308,12 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
         Salimans 2022, eq. 6), optionally rescaled (``guidance_rescale``, Lin et al. 2024 eq. 16;
         see :mod:`ldm_lightning.diffusion.guidance`), only at noise levels sigma / alpha in
         ``guidance_interval`` ``[lo, hi]`` when given (Kynkäänniemi et al. 2024);
-        ``unconditional=True`` samples with the null condition. The same
+        ``unconditional=True`` samples with the null condition. With a ``classifier`` (a
+        :class:`~ldm_lightning.models.noisy_classifier.NoisyClassifierModule` of this model's
+        first stage, latent normalisation, process and classes) and ``classifier_scale`` s != 0,
+        classifier guidance towards ``labels`` (Dhariwal & Nichol 2021, Algorithm 2:
+        ``eps - s sigma grad log p(y | z_t)``), alone or on top of classifier-free guidance; the
+        labels go to the classifier, and to the model too when it is class-conditional. The same
         ``seed`` gives the same images on any device. With ``return_trajectory`` also the
         latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
         ``sampler`` (a name or a ``_target_`` dict, see :meth:`sampling_settings`), ``steps``,
@@ -312,6 +322,16 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
         """
         self.latent_norm.check_fitted()
         settings = self.sampling_settings(sampler, steps, eta, timestep_spacing)
+        guide = None
+        if classifier is not None:
+            classifier = classifier.to(self.device).eval()
+            guide = classifier.guide(self, labels, n, classifier_scale)
+            if unconditional or getattr(self.conditioner, "inputs", None) != "labels":
+                labels = None  # the classifier's alone
+        elif classifier_scale:
+            raise ValueError(
+                f"classifier_scale={classifier_scale} needs a classifier (classifier_ckpt=...)"
+            )
         cond, uncond = self.conditioner.for_sampling(
             n, labels, prompts, negative_prompts, unconditional
         )
@@ -339,6 +359,7 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
             return_trajectory=return_trajectory,
             timestep_spacing=settings["timestep_spacing"],
             process=self.process,
+            guide=guide if classifier_scale else None,
         )
         z, trajectory = result if return_trajectory else (result, None)
         images = self.decode(z)
