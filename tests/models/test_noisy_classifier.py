@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ldm_lightning.data.shapes import ShapesDataModule, ShapesDataset
 from ldm_lightning.diffusion.processes import FlowProcess
 from ldm_lightning.models import LatentDiffusionModule, NoisyClassifierModule
-from ldm_lightning.models.checkpoints import KIND_KEY, load_stage
+from ldm_lightning.models.checkpoints import KIND_KEY, export_stage, load_stage
 from ldm_lightning.models.noisy_classifier import noise_to_signal
 from ldm_lightning.sample import run as sample_run
 from ldm_lightning.train import train
@@ -113,6 +113,13 @@ def test_the_checkpoint_loads_weights_only_with_its_classes_and_normalisation(
                        checkpoint["state_dict"]["classifier.out.4.weight"])
     with pytest.raises(ValueError, match="is a noisy_classifier checkpoint, but an latent_diff"):
         load_stage(LatentDiffusionModule, path, "latent_diffusion")
+    exported = NoisyClassifierModule.load_from_checkpoint(
+        export_stage(path, classifier_run / "export")
+    )
+    assert exported.class_names == loaded.class_names
+    assert exported.scale_factor == loaded.scale_factor
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value)
 
 
 def test_classes_other_than_the_datas_are_refused() -> None:
