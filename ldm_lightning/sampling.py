@@ -137,19 +137,27 @@ def generate(
 
 
 def per_class_labels(
-    module: pl.LightningModule, per_class: int, labels: Sequence[int | str] | None = None
+    module: pl.LightningModule,
+    per_class: int,
+    labels: Sequence[int | str] | None = None,
+    classifier: NoisyClassifierModule | None = None,
 ) -> tuple[list[int], list[str]]:
-    """``per_class`` labels of every class of a class-conditional ``module`` (or of each of
-    ``labels``, by index or name), and the folder name of each: its class name, else its index.
+    """``per_class`` labels of every class of a class-conditional ``module``, or of the
+    ``classifier`` that guides an unconditional one (or of each of ``labels``, by index or name),
+    and the folder name of each: its class name, else its index.
     """
     conditioner = getattr(module, "conditioner", None)
-    if getattr(conditioner, "inputs", None) != "labels":
-        raise ValueError("per_class needs a class-conditional checkpoint; use num_samples")
+    classes = conditioner if getattr(conditioner, "inputs", None) == "labels" else classifier
+    if classes is None:
+        raise ValueError(
+            "per_class needs a class-conditional checkpoint (or a classifier_ckpt to guide with); "
+            "use num_samples"
+        )
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
-    classes = conditioner.check(labels).tolist() if labels else range(conditioner.num_classes)
-    names = conditioner.class_names or [str(i) for i in range(conditioner.num_classes)]
-    chosen = [c for c in classes for _ in range(per_class)]
+    chosen_classes = classes.check(labels).tolist() if labels else range(classes.num_classes)
+    names = classes.class_names or [str(i) for i in range(classes.num_classes)]
+    chosen = [c for c in chosen_classes for _ in range(per_class)]
     return chosen, [folder_name(names[c]) for c in chosen]
 
 

@@ -205,6 +205,10 @@ class NoisyClassifierModule(SafeLoading, LatentSpace, pl.LightningModule):
         names = f" or names: {', '.join(self.class_names)}" if self.class_names else ""
         return f"labels=[...] in 0..{self.num_classes - 1}{names}"
 
+    def check(self, labels: Tensor | Sequence[int | str]) -> Tensor:
+        """``labels`` given by index or by name as class indices ``[B]``, checked."""
+        return class_indices(labels, self.num_classes, self.class_names, self.wanted())
+
     def guide(
         self, model: LatentSpace, labels: Tensor | Sequence[int | str] | None, n: int,
         scale: float,
@@ -218,8 +222,7 @@ class NoisyClassifierModule(SafeLoading, LatentSpace, pl.LightningModule):
                 f"classifier guidance needs the classes to guide towards: pass {self.wanted()}"
             )
         self.check_guides(model)
-        indices = expand(class_indices(labels, self.num_classes, self.class_names,
-                                       self.wanted()), n, "labels")
+        indices = expand(self.check(labels), n, "labels")
         return classifier_guidance(self.classifier, indices.to(self.device), scale,
                                    self.process.to(self.device))
 

@@ -225,7 +225,8 @@ def test_other_classes_and_missing_labels_or_classifier_are_refused() -> None:
 
 def test_the_sample_entry_point_guides_with_a_classifier_checkpoint(tmp_path: Path) -> None:
     ldm_ckpt = write_checkpoint(unconditional_ldm(), tmp_path / "ldm.ckpt")
-    classifier_ckpt = write_checkpoint(tiny_classifier(), tmp_path / "classifier.ckpt")
+    classifier = tiny_classifier(class_names=SHAPES.class_names)
+    classifier_ckpt = write_checkpoint(classifier, tmp_path / "classifier.ckpt")
 
     def written(name: str, *overrides: str) -> list[torch.Tensor]:
         out = tmp_path / name
@@ -239,5 +240,10 @@ def test_the_sample_entry_point_guides_with_a_classifier_checkpoint(tmp_path: Pa
                      "labels=[0,5]")
     assert len(guided) == 2 and (tmp_path / "guided" / "grid.png").is_file()
     assert guided != plain
+    # per_class takes the classes of the classifier that guides an unconditional model.
+    written("per_class", f"classifier_ckpt={classifier_ckpt}", "classifier_scale=20",
+            "per_class=1", "labels=[3,red circle]")
+    folders = sorted(p.name for p in (tmp_path / "per_class" / "samples").iterdir())
+    assert folders == ["red circle", "yellow circle"]
     with pytest.raises(ValueError, match="classifier_scale=3 needs a classifier"):
         written("refused", "classifier_scale=3")
