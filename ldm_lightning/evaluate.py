@@ -42,7 +42,7 @@ from ldm_lightning.models.checkpoints import (
     read_checkpoint,
     run_config_path,
 )
-from ldm_lightning.sampling import sampling_options
+from ldm_lightning.sampling import guidance_classifier, sampling_options
 from ldm_lightning.utils.atomic import atomic_write_text
 from ldm_lightning.utils.device import resolve_device
 from ldm_lightning.utils.images import save_grid
@@ -139,6 +139,9 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
     if kind == "latent_diffusion":
         check_image_size(module, datamodule)
         module.adopt_data(datamodule)  # its classes must be the data's
+        classifier = guidance_classifier(cfg, device)
+        if classifier is not None:
+            classifier.adopt_data(datamodule)  # it guides towards the labels of the data
     extractor = build_feature_extractor(cfg.feature_extractor).to(device)
     split = cfg.split or DEFAULT_SPLIT[kind]
     real = real_features(
@@ -165,6 +168,7 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             progress=cfg.progress,
             keep=GRID_SIZE if cfg.save_grid else 0,
             **sampling_options(cfg),
+            classifier=classifier,
         )
         if first is not None:
             save_grid(first, out_dir / "samples.png")
@@ -205,6 +209,8 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             "guidance_scale": cfg.guidance_scale,
             "guidance_rescale": cfg.guidance_rescale,
             "guidance_interval": sampling_options(cfg)["guidance_interval"],
+            "classifier_ckpt": cfg.classifier_ckpt,
+            "classifier_scale": cfg.classifier_scale,
             "seed": cfg.seed,
         }
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))

@@ -1,7 +1,8 @@
 """Sample a trained latent diffusion checkpoint: ``python -m ldm_lightning.sample ckpt_path=...``.
 
 Writes ``grid.png`` and ``samples/<index>.png`` into the run directory; with ``per_class=N``,
-N samples of every class in ``samples/<class name>/<index>.png`` and one grid row per class.
+N samples of every class (of a class-conditional model, or of the ``classifier_ckpt`` that guides
+it) in ``samples/<class name>/<index>.png`` and one grid row per class.
 Batch ``b`` uses seed ``seed + b``, so the same command gives the same images, on any device.
 """
 
@@ -20,6 +21,7 @@ from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.sampling import (
     batch_conditions,
     generate,
+    guidance_classifier,
     per_class_labels,
     sampling_options,
     write_samples,
@@ -33,14 +35,16 @@ def run(cfg: DictConfig) -> Path:
     model = load_stage(
         LatentDiffusionModule, cfg.ckpt_path, "latent_diffusion", trust=cfg.trust_checkpoint
     )
-    model.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    model.to(device)
 
     def optional(value: Any) -> Any:
         return OmegaConf.to_object(value) if value is not None else None
 
+    classifier = guidance_classifier(cfg, device)
     labels, num_samples, folders = optional(cfg.labels), cfg.num_samples, None
     if cfg.per_class:
-        labels, folders = per_class_labels(model, cfg.per_class, labels)
+        labels, folders = per_class_labels(model, cfg.per_class, labels, classifier)
         num_samples = len(labels)
     conditions = batch_conditions(num_samples, cfg.batch_size, labels, optional(cfg.prompts))
     batches = generate(
@@ -53,6 +57,7 @@ def run(cfg: DictConfig) -> Path:
         **sampling_options(cfg),
         negative_prompts=optional(cfg.negative_prompts),
         unconditional=cfg.unconditional,
+        classifier=classifier,
     )
     images = torch.cat([batch.cpu() for batch in batches])
     nrow = cfg.grid_nrow or (cfg.per_class if cfg.per_class else None)

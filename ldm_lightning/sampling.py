@@ -9,6 +9,8 @@ all draw their images here:
   ``num_samples``), or :func:`conditions_from_data` from the labels/captions of real images
   (FID compares like with like).
 - :func:`write_samples`: ``grid.png`` and one PNG per sample.
+- :func:`guidance_classifier`: the noisy classifier of ``classifier_ckpt`` for classifier
+  guidance, loaded as every stage is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.models.noisy_classifier import NoisyClassifierModule
 from ldm_lightning.utils.cycling import cycle_to
 from ldm_lightning.utils.images import save_grid, save_png, to_unit
 
@@ -32,6 +36,7 @@ __all__ = [
     "conditions_from_data",
     "folder_name",
     "generate",
+    "guidance_classifier",
     "per_class_labels",
     "sampling_options",
     "write_samples",
@@ -40,7 +45,7 @@ __all__ = [
 # The sampler settings the entry points pass on to LatentDiffusionModule.sample (None: the
 # checkpoint's model.sampling).
 SAMPLING_KEYS = ("sampler", "steps", "eta", "timestep_spacing", "guidance_scale",
-                 "guidance_rescale", "guidance_interval")
+                 "guidance_rescale", "guidance_interval", "classifier_scale")
 
 
 def sampling_options(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,6 +55,20 @@ def sampling_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if options["guidance_interval"] is not None:
         options["guidance_interval"] = [float(v) for v in options["guidance_interval"]]
     return options
+
+
+def guidance_classifier(
+    config: Mapping[str, Any], device: torch.device | str
+) -> NoisyClassifierModule | None:
+    """The noisy classifier of an entry point's ``classifier_ckpt`` on ``device`` (None when it
+    is null), read with ``weights_only`` unless ``trust_checkpoint``, like every stage."""
+    if config["classifier_ckpt"] is None:
+        return None
+    classifier = load_stage(
+        NoisyClassifierModule, config["classifier_ckpt"], NoisyClassifierModule.kind,
+        config_key="classifier_ckpt", trust=config["trust_checkpoint"],
+    )
+    return classifier.to(device)
 
 
 def batch_conditions(
@@ -66,21 +85,31 @@ def batch_conditions(
 
 
 def conditions_from_data(
-    module: pl.LightningModule, datamodule: Any, split: str, batch_size: int
+    module: pl.LightningModule, datamodule: Any, split: str, batch_size: int,
+    labels: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Per-batch sampling inputs (labels/prompts) cycled from the real images of ``split``.
 
     Conditional models are sampled with the conditions of the real data, so FID compares
-    like with like; unconditional models (and modules without a conditioner) get no inputs.
+    like with like; unconditional models (and modules without a conditioner) get no inputs,
+    but the labels with ``labels=True`` (for classifier guidance).
     """
     conditioner = getattr(module, "conditioner", None)
-    if conditioner is None or not conditioner.is_conditional:
+    conditional = conditioner is not None and conditioner.is_conditional
+    if not (conditional or labels):
         return itertools.repeat({})
     loader = DataLoader(datamodule.build_split(split, augment=False), batch_size=batch_size)
     # Re-iterate the loader rather than itertools.cycle, which would keep every batch (images
     # included) in memory for the whole run.
     batches = (batch for _ in itertools.count() for batch in loader)
-    return (conditioner.sampling_inputs(batch, batch_size) for batch in batches)
+
+    def inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        given = conditioner.sampling_inputs(batch, batch_size) if conditional else {}
+        if labels:
+            given["labels"] = cycle_to(batch["label"].tolist(), batch_size)
+        return given
+
+    return (inputs(batch) for batch in batches)
 
 
 @torch.no_grad()
@@ -108,19 +137,27 @@ def generate(
 
 
 def per_class_labels(
-    module: pl.LightningModule, per_class: int, labels: Sequence[int | str] | None = None
+    module: pl.LightningModule,
+    per_class: int,
+    labels: Sequence[int | str] | None = None,
+    classifier: NoisyClassifierModule | None = None,
 ) -> tuple[list[int], list[str]]:
-    """``per_class`` labels of every class of a class-conditional ``module`` (or of each of
-    ``labels``, by index or name), and the folder name of each: its class name, else its index.
+    """``per_class`` labels of every class of a class-conditional ``module``, or of the
+    ``classifier`` that guides an unconditional one (or of each of ``labels``, by index or name),
+    and the folder name of each: its class name, else its index.
     """
     conditioner = getattr(module, "conditioner", None)
-    if getattr(conditioner, "inputs", None) != "labels":
-        raise ValueError("per_class needs a class-conditional checkpoint; use num_samples")
+    classes = conditioner if getattr(conditioner, "inputs", None) == "labels" else classifier
+    if classes is None:
+        raise ValueError(
+            "per_class needs a class-conditional checkpoint (or a classifier_ckpt to guide with); "
+            "use num_samples"
+        )
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
-    classes = conditioner.check(labels).tolist() if labels else range(conditioner.num_classes)
-    names = conditioner.class_names or [str(i) for i in range(conditioner.num_classes)]
-    chosen = [c for c in classes for _ in range(per_class)]
+    chosen_classes = classes.check(labels).tolist() if labels else range(classes.num_classes)
+    names = classes.class_names or [str(i) for i in range(classes.num_classes)]
+    chosen = [c for c in chosen_classes for _ in range(per_class)]
     return chosen, [folder_name(names[c]) for c in chosen]
 
 

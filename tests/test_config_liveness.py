@@ -3,8 +3,9 @@
 The keys are read from the YAML files themselves: ``conf/sample.yaml``, ``conf/evaluate.yaml``
 and every ``conf/model/*.yaml`` as Hydra composes it (its defaults included: vq.yaml into
 kl.yaml, conditioner_text.yaml into conditioner_class.yaml, each ``conf/scheduler`` option into
-ldm.yaml's ``schedule``, each ``conf/model/sampler`` option into its ``sampling.sampler``, each
-``conf/model/backbone`` option into its ``unet``), and
+ldm.yaml's and noisy_classifier.yaml's ``schedule``, each ``conf/model/process`` option into
+their ``process``, each ``conf/model/sampler`` option into ldm.yaml's ``sampling.sampler``, each
+``conf/model/backbone`` option into ldm.yaml's ``unet``), and
 every option of ldm.yaml's ``model/conditioning`` group, each a config of its own
 (``model/conditioning/<option>``, keys relative to ``model.conditioning``).
 ``TABLE`` gives each ``<config>:<dotted key>`` one entry:
@@ -41,6 +42,7 @@ from typing import Any
 import hydra
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -51,7 +53,8 @@ from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.evaluate import evaluate
 from ldm_lightning.losses.contrastive import contrastive_loss
-from ldm_lightning.models import ConditionerModule
+from ldm_lightning.models import ConditionerModule, NoisyClassifierModule
+from ldm_lightning.models.checkpoints import read_checkpoint
 from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.nn.condition_encoders import CaptionEncoder
 from ldm_lightning.sample import run as sample_run
@@ -98,11 +101,13 @@ class Live:
 
 @dataclass(frozen=True)
 class Inert:
-    """The key changes nothing here, for ``reason``; checked on ``observe`` when given."""
+    """The key changes nothing here, for ``reason``; checked on ``observe`` when given (from
+    ``context``)."""
 
     reason: str
     observe: str | None = None
     value: Any = None
+    context: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,7 @@ EDM = {"process": process_yaml("edm")}
 DIT = {"unet": {**backbone_yaml("dit_s"), "hidden_size": 16, "depth": 2, "num_heads": 2}}
 CLASS_SAMPLES = {"ckpt_path": "<class_ldm>", "labels": [0, 5]}
 TEXT_SAMPLES = {"ckpt_path": "<text_ldm>", "prompts": ["a red circle on a gray background"]}
+CLASSIFIER_SAMPLES = {"classifier_scale": 20.0, "labels": [0, 5]}
 SAMPLE: dict[str, Entry] = {
     "task_name": Live("run_dir", "another_task"),
     "ckpt_path": Live("samples", "<ldm_perturbed>"),
@@ -186,6 +192,11 @@ SAMPLE: dict[str, Entry] = {
     "guidance_interval": Live(
         "samples", [0.5, 2.0], context={**CLASS_SAMPLES, "guidance_scale": 3.0}
     ),
+    # The untrained <classifier> of <ldm>'s latent space, and a copy with other weights.
+    "classifier_ckpt": Live("samples", "<classifier_other>", base="<classifier>",
+                            context=CLASSIFIER_SAMPLES),
+    "classifier_scale": Live("samples", 20.0,
+                             context={"classifier_ckpt": "<classifier>", "labels": [0, 5]}),
     "labels": Live("samples", [5], base=[0], context={"ckpt_path": "<class_ldm>"}),
     "prompts": Live(
         "samples", ["a blue square on a white background"], base=TEXT_SAMPLES["prompts"],
@@ -224,6 +235,10 @@ EVALUATE: dict[str, Entry] = {
     "guidance_scale": Live("report", 3.0, context=CLASS_EVAL),
     "guidance_rescale": Live("report", 0.7, context={**CLASS_EVAL, "guidance_scale": 3.0}),
     "guidance_interval": Live("report", [0.5, 2.0], context={**CLASS_EVAL, "guidance_scale": 3.0}),
+    # Guided towards the real images' labels.
+    "classifier_ckpt": Live("report", "<classifier_other>", base="<classifier>",
+                            context={"classifier_scale": 20.0}),
+    "classifier_scale": Live("report", 20.0, context={"classifier_ckpt": "<classifier>"}),
     "split": Live("report", "val"),
     "num_real": Live("report", 8),
     "metrics": Live("report", ["fid", "kid"]),
@@ -378,6 +393,37 @@ LDM: dict[str, Entry] = {
     "schedule.zero_terminal_snr": Live("loss", True, context={"prediction": "v"}),
 }
 
+EDM_GRID = "EDM's sampling grid: a classifier learns at the levels draw_t gives"
+NOISY_CLASSIFIER: dict[str, Entry] = {
+    **FIRST_STAGE,
+    "classifier._target_": Live(
+        "structure", f"{TinyBackbone.__module__}.{TinyBackbone.__qualname__}"
+    ),
+    "classifier.model_channels": Live("structure", 8),
+    "classifier.channel_mult": Live("structure", [1, 1]),
+    "classifier.num_res_blocks": Live("structure", 2),
+    "classifier.attention_resolutions": Live("structure", [1]),
+    "classifier.num_head_channels": Live("loss", 4),  # same weights, other heads
+    "classifier.dropout": Live("loss", 0.5),
+    "num_classes": Live("structure", 10),
+    "class_names": Elsewhere(
+        "tests/models/test_noisy_classifier.py::"
+        "test_the_checkpoint_loads_weights_only_with_its_classes_and_normalisation",
+        "null takes the data's names at the start of training, saved in the checkpoint; names "
+        "other than the data's are refused (test_classes_other_than_the_datas_are_refused)",
+    ),
+    # The LDM's process and schedule keys: the levels and noise a classifier is trained on.
+    **{key: entry for key, entry in LDM.items() if key.startswith(("process.", "schedule."))},
+    "process.sigma_min": Inert(EDM_GRID, "loss", 0.05, context=EDM),
+    "process.sigma_max": Inert(EDM_GRID, "loss", 10.0, context=EDM),
+    "process.rho": Inert(EDM_GRID, "loss", 3.0, context=EDM),
+    "schedule.zero_terminal_snr": Live("loss", True),
+    "scale_factor": Live("loss", 0.5),  # null: estimated at fit start
+    "scale_factor_batches": Live("loss", 1),
+    "latent_norm": Live("loss", "channel"),
+    **optimizer_probes("torch.optim.Adam", scale_lr=False),
+}
+
 
 
 CONDITIONER: dict[str, Entry] = {
@@ -466,6 +512,7 @@ TABLE: dict[str, Entry] = {
     **keyed("model/conditioning/pretrained_text", PRETRAINED_TEXT_CONDITIONING),
     **keyed("model/conditioner_text", CONDITIONER_TEXT),
     **keyed("model/conditioner_class", CONDITIONER_CLASS),
+    **keyed("model/noisy_classifier", NOISY_CLASSIFIER),
 }
 
 
@@ -491,14 +538,17 @@ def model_names() -> list[str]:
 
 def group_variants(name: str) -> list[list[str]]:
     """Overrides giving every option of the groups a model config pulls in."""
-    if name == "ldm":  # defaults: /scheduler@schedule, sampler, process, backbone (model.unet)
-        return [
-            *([f"scheduler@model.schedule={option}"] for option in group_options("scheduler")),
-            *([f"model/sampler={option}"] for option in group_options("model/sampler")),
-            *([f"model/process={option}"] for option in group_options("model/process")),
-            *([f"model/backbone={option}"] for option in group_options("model/backbone")),
-        ]
-    return [[]]
+    # defaults: /scheduler@schedule, process, and the LDM's sampler (model.sampling.sampler) and
+    # backbone (model.unet)
+    processes = [
+        *([f"scheduler@model.schedule={option}"] for option in group_options("scheduler")),
+        *([f"model/process={option}"] for option in group_options("model/process")),
+    ]
+    if name == "ldm":
+        return [*processes,
+                *([f"model/sampler={option}"] for option in group_options("model/sampler")),
+                *([f"model/backbone={option}"] for option in group_options("model/backbone"))]
+    return processes if name == "noisy_classifier" else [[]]
 
 
 def group_options(group: str) -> list[str]:
@@ -576,6 +626,12 @@ TINY = {
         *(o for o in TINY_CONDITIONER if not o.startswith("model.encoder.")),
         "model.encoder.num_classes=18",
     ],
+    "noisy_classifier": [
+        "data.image_size=16", "model.first_stage.identity=true", "model.num_classes=18",
+        "model.classifier.model_channels=16", "model.classifier.channel_mult=[1,2]",
+        "model.classifier.num_res_blocks=1", "model.classifier.attention_resolutions=[2]",
+        "model.classifier.num_head_channels=8",
+    ],
     "sample": ["num_samples=3", "batch_size=2"],
     "evaluate": [
         f"feature_extractor={EXTRACTOR}", "progress=false", "num_samples=4", "batch_size=3",
@@ -604,6 +660,7 @@ FAMILIES = {
     "ldm": "ldm",
     "conditioner_text": "conditioner",
     "conditioner_class": "conditioner",
+    "noisy_classifier": "classifier",
 }
 
 
@@ -684,6 +741,9 @@ def build_model(config: str, settings: Mapping[str, Any], tmp_path: Path):
         # Zero-initialised output convs make an untrained UNet predict 0 whatever its settings.
         randomise_zero_parameters(module.unet)
         module.on_fit_start()  # estimates the latent scale factor when it is null
+    elif family(config) == "classifier":
+        randomise_zero_parameters(module.classifier)  # its zero-initialised head: uniform
+        module.on_fit_start()
     elif isinstance(getattr(module, "encoder", None), CaptionEncoder):
         module.encoder.fit_tokenizer(CAPTIONS)
     return module
@@ -779,6 +839,13 @@ def recompute(module) -> int:
     return len(calls)
 
 
+def classifier_loss(module) -> torch.Tensor:
+    """The cross-entropy of the first training batch at levels and noise of a fixed seed."""
+    module.train()
+    logits, _ = module.noisy_logits(module.latents(BATCH), torch.Generator().manual_seed(0))
+    return F.cross_entropy(logits, BATCH["label"]).detach()
+
+
 def conditioner_loss(module) -> torch.Tensor:
     module.train()
     image, text, groups = module.embed(BATCH)
@@ -802,6 +869,7 @@ MODEL_OBSERVERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "recompute": recompute, "log_images": log_images(BATCH), "speed": speed,
     },
     "conditioner": {**COMMON, "loss": conditioner_loss},
+    "classifier": {**COMMON, "loss": classifier_loss},
 }
 
 
@@ -962,6 +1030,8 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
                              image_encoder={"channels": [8]})
     clip.encoder.fit_tokenizer(CAPTIONS)
     clip_ckpt = write_checkpoint(clip, root / "clip.ckpt")
+    classifier = classifier_of(checkpoints["ldm"], checkpoints["ae"])
+    classifier_ckpt = write_checkpoint(classifier, root / "classifier.ckpt")
     return {
         "<ldm>": perturbed_copy(checkpoints["ldm"], root / "ldm.ckpt", seed=0),
         "<ldm_perturbed>": perturbed_copy(checkpoints["ldm"], root / "ldm_perturbed.ckpt", seed=1),
@@ -975,7 +1045,24 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
         "<clip_foreign>": foreign_copy(clip_ckpt, root / "clip_foreign.ckpt"),
         "<tiny_clip>": write_tiny_clip(root / "tiny_clip"),
         "<tiny_clip_other>": perturbed_clip(root / "tiny_clip", root / "tiny_clip_other"),
+        "<classifier>": classifier_ckpt,
+        "<classifier_other>": perturbed_copy(classifier_ckpt, root / "classifier_other.ckpt"),
     }
+
+
+def classifier_of(ldm_ckpt: Path, ae_ckpt: Path) -> NoisyClassifierModule:
+    """An untrained noisy classifier of the latent space of the LDM of ``ldm_ckpt`` (its
+    autoencoder ``ae_ckpt``, latent scale and process), with random weights: its
+    zero-initialised head would not guide."""
+    ldm = read_checkpoint(ldm_ckpt)
+    hparams = ldm["hyper_parameters"]
+    classifier = NoisyClassifierModule(
+        classifier={"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                    "attention_resolutions": [2], "num_head_channels": 8},
+        first_stage={"ckpt_path": str(ae_ckpt)}, num_classes=18,
+        process=hparams["process"], schedule=hparams["schedule"], scale_factor=ldm["scale_factor"],
+    )
+    return randomise_zero_parameters(classifier)
 
 
 def perturbed_clip(src: Path, dst: Path, std: float = 0.05) -> Path:

@@ -34,6 +34,7 @@ NEEDS: dict[str, set[str]] = {
     "ldm_class": {"labels"},           # a label per image: class-conditional guidance
     "ldm_text": {"varied captions"},   # captions that tell images apart: text guidance
     "clip": {"varied captions"},       # contrastive caption <-> image matching
+    "noisy_classifier": {"labels"},    # a label per image: what it learns to tell apart
 }
 # What each datamodule offers. "celebahq_faces" is CelebA-HQ as a plain folder of faces: every
 # image is label 0 with the caption "a photo of a face", so it offers neither.
@@ -46,7 +47,8 @@ OFFERS: dict[str, set[str]] = {
                                                     # captions from the 40 attributes
     "celebahq_faces": set(),
 }
-# Labels of each labelled fake datamodule: what model.conditioning.num_classes=null takes.
+# Labels of each labelled fake datamodule: what model.conditioning.num_classes=null (and the
+# noisy classifier's model.num_classes=null) takes.
 NUM_CLASSES = {"shapes": 18, "image_folder": 3, "pets": len(BREEDS), "celebahq": 2}
 
 
@@ -92,6 +94,11 @@ TINY: dict[str, list[str]] = {
     "ldm": TINY_UNET,
     "ddpm": TINY_UNET,
     "ldm_class": TINY_UNET,
+    "noisy_classifier": [
+        "model.classifier.model_channels=16", "model.classifier.channel_mult=[1,2]",
+        "model.classifier.num_res_blocks=1", "model.classifier.attention_resolutions=[2]",
+        "model.classifier.num_head_channels=8", "model.scale_factor_batches=2",
+    ],
     "ldm_text": [*TINY_UNET, "model.conditioning.text_ckpt_path=null",
                  "model.conditioning.freeze_text=false",
                  *(f"model.conditioning.{o}" for o in TINY_TEXT)],
@@ -123,7 +130,7 @@ def experiment_config(experiment: str, data: str, data_overrides: dict[str, list
     """The experiment on ``data``, tiny, with the first stage and class count it needs."""
     overrides = [f"+experiment={experiment}", *data_overrides[data], *ON_THIS_MACHINE,
                  *TINY[kind(experiment)]]
-    if kind(experiment) in ("clip", "ldm", "ldm_class", "ldm_text"):
+    if kind(experiment) in ("clip", "ldm", "ldm_class", "ldm_text", "noisy_classifier"):
         overrides.append(f"model.first_stage.ckpt_path={first_stage}")
     if kind(experiment) == "ldm_class":
         overrides.append("model.conditioning.num_classes=null")  # from the data
@@ -134,7 +141,8 @@ def test_only_conditioned_experiments_on_unlabelled_uncaptioned_data_are_left_ou
     data_overrides: dict[str, list[str]],
 ) -> None:
     assert set(OFFERS) == set(data_overrides)
-    conditioned = {e for e in EXPERIMENTS if kind(e) in ("ldm_class", "ldm_text", "clip")}
+    conditioned = {e for e in EXPERIMENTS
+                   if kind(e) in ("ldm_class", "ldm_text", "clip", "noisy_classifier")}
     assert set(EXCLUDED) == {(e, "celebahq_faces") for e in conditioned}
 
 
@@ -144,9 +152,10 @@ def test_experiment_trains_on_datamodule(
     autoencoder_ckpt: Path, tmp_path: Path,  # noqa: F811 (the imported fixture)
 ) -> None:
     cfg = experiment_config(experiment, data, data_overrides, autoencoder_ckpt, tmp_path)
-    if kind(experiment) == "ldm_class":
+    if kind(experiment) in ("ldm_class", "noisy_classifier"):
         filled = fill_from_data(cfg.model, hydra.utils.instantiate(cfg.data))
-        assert filled.conditioning.num_classes == NUM_CLASSES[data]
+        classes = filled.num_classes if "num_classes" in filled else filled.conditioning.num_classes
+        assert classes == NUM_CLASSES[data]
     metrics = train(cfg)
     assert math.isfinite(metrics[cfg.optimized_metric])
     if cfg.data.cache_latents:

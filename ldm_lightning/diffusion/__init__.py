@@ -1,7 +1,7 @@
 """Diffusion processes in plain torch: noise schedules, parameterisations, loss weighting,
-samplers and classifier-free guidance. Knows nothing of Lightning or Hydra."""
+samplers and guidance (classifier-free, classifier). Knows nothing of Lightning or Hydra."""
 
-from ldm_lightning.diffusion.guidance import classifier_free_guidance
+from ldm_lightning.diffusion.guidance import classifier_free_guidance, classifier_guidance
 from ldm_lightning.diffusion.parameterization import (
     PREDICTIONS,
     predict_eps,
@@ -35,6 +35,7 @@ __all__ = [
     "NoiseSchedule",
     "Sampler",
     "classifier_free_guidance",
+    "classifier_guidance",
     "extract",
     "inference_timesteps",
     "loss_weight",

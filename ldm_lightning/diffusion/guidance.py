@@ -1,6 +1,7 @@
-"""Classifier-free guidance (Ho & Salimans 2022, "Classifier-free diffusion guidance", eq. 6).
+"""Guidance: classifier-free and classifier guidance.
 
-The guided prediction extrapolates from the unconditional output u towards the conditional one c:
+Classifier-free guidance (Ho & Salimans 2022, "Classifier-free diffusion guidance", eq. 6): the
+guided prediction extrapolates from the unconditional output u towards the conditional one c:
 
     pred = u + w (c - u)         (w = 1: conditional model, w = 0: unconditional)
 
@@ -23,16 +24,35 @@ sample and distribution quality", eq. 6): guidance only at noise levels sigma in
 conditional model elsewhere (w = 1); sigma is the noise-to-signal ratio sigma / alpha, EDM's
 sigma, so one interval means the same for every noise process. High noise levels, where guidance
 mostly cuts diversity, and low ones, where it does little, are then sampled without it.
+
+Classifier guidance (Dhariwal & Nichol 2021, "Diffusion models beat GANs on image synthesis",
+sec. 4, Algorithm 2) adds the gradient of a classifier p_phi(y | x_t) trained on noisy inputs to
+the score of the diffusion model: with the score grad log p(x_t) = -eps / sigma of any Gaussian
+process x_t = alpha x0 + sigma eps,
+
+    eps' = eps - s sigma grad_x log p_phi(y | x_t),    x0' = (x_t - sigma eps') / alpha
+
+is the eps of grad log p(x_t) + s grad log p_phi(y | x_t) (their eps_hat = eps - sqrt(1 - abar)
+grad on the DDPM chain). With s = 1 and the exact classifier that is the score of p(x_t | y):
+the samples are those of the class asked for; s > 1 sharpens towards it. It changes the
+estimates a sampler steps with (:data:`~ldm_lightning.diffusion.samplers.Guide`), so it works
+with every sampler and process, alone or on top of classifier-free guidance.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ldm_lightning.diffusion.processes import NoiseLevel, NoiseProcess
+from ldm_lightning.diffusion.samplers import Guide
+
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+# Relative tolerance on (alpha, sigma) between the classifier's process and the sampler's level.
+LEVEL_RTOL = 1e-4
 
 
 def classifier_free_guidance(
@@ -101,3 +121,73 @@ def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     dims = tuple(range(1, guided.ndim))
     ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
     return rescale * guided * ratio + (1 - rescale) * guided
+
+
+def classifier_guidance(
+    classifier: nn.Module | Callable[[Tensor, Tensor], Tensor],
+    labels: Tensor,
+    scale: float,
+    process: NoiseProcess,
+) -> Guide:
+    """Classifier guidance as a ``guide(x, level, x0, eps) -> (x0, eps)`` of
+    :func:`~ldm_lightning.diffusion.samplers.sample` (module docstring; Dhariwal & Nichol 2021,
+    Algorithm 2).
+
+    At each level ``x = alpha x0 + sigma eps`` the gradient ``g = d/dx sum_b log softmax(
+    classifier(*process.network_input(x, t)))[b, labels_b]`` is taken with autograd (also inside
+    the sampler's ``no_grad``), and the estimates become
+
+        eps' = eps - scale sigma g,  x0' = (x - sigma eps') / alpha = x0 + scale sigma^2 g / alpha,
+
+    except that x0 is left as it is where alpha = 0 (pure noise).
+
+    Args:
+        classifier: ``classifier(input [B, ...], time [B]) -> logits [B, K]``, called as
+            ``process`` calls a network.
+        labels: ``[B]`` class indices in ``0..K-1``, one per sample.
+        scale: the guidance scale s (0: the estimates unchanged, 1: p(x | y) with an exact
+            classifier).
+        process: the noise process the classifier was trained on; its (alpha, sigma) at each
+            level's t must be the sampler's (a ValueError otherwise: another process or
+            schedule).
+    """
+
+    def guide(x: Tensor, level: NoiseLevel, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[0] != len(labels):
+            raise ValueError(
+                f"classifier guidance has {len(labels)} labels for a batch of {x.shape[0]}"
+            )
+        _check_level(process, level)
+        t = torch.full((x.shape[0],), level.t, dtype=torch.float32, device=x.device)
+        y = labels.to(device=x.device, dtype=torch.long)[:, None]
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = classifier(*process.network_input(x_in, t)).float()
+            (grad,) = torch.autograd.grad(logits.log_softmax(dim=-1).gather(1, y).sum(), x_in)
+        grad = grad.to(eps.dtype)
+        eps = eps - scale * level.sigma * grad
+        if level.alpha != 0.0:
+            x0 = x0 + (scale * level.sigma**2 / level.alpha) * grad
+        return x0, eps
+
+    return guide
+
+
+def _check_level(process: NoiseProcess, level: NoiseLevel) -> None:
+    """A ValueError unless ``process`` puts ``level.t`` at the level's (alpha, sigma)."""
+    try:
+        alpha, sigma = (
+            float(c) for c in process.coefficients(torch.tensor([level.t], dtype=torch.float64))
+        )
+    except (IndexError, RuntimeError):  # a DDPM timestep beyond the classifier's schedule
+        alpha = sigma = math.nan
+    if not all(
+        math.isclose(mine, theirs, rel_tol=LEVEL_RTOL, abs_tol=1e-7)
+        for mine, theirs in ((alpha, level.alpha), (sigma, level.sigma))
+    ):
+        raise ValueError(
+            f"the classifier's noise process ({type(process).__name__}) puts t={level.t:g} at "
+            f"(alpha, sigma) = ({alpha:.6g}, {sigma:.6g}), but the sampler is at "
+            f"({level.alpha:.6g}, {level.sigma:.6g}): train the classifier on the process and "
+            "schedule of the model it guides"
+        )

@@ -40,11 +40,13 @@ def score_samples(
 ) -> tuple[dict[str, Any], Tensor | None]:
     """``metrics.compute()`` over ``num_samples`` samples, and the first ``keep`` of them.
 
-    Batch ``b`` has seed ``seed + b`` and the labels/captions of the real images of ``split``;
-    ``sampling``: :meth:`LatentDiffusionModule.sample` arguments. The kept images
+    Batch ``b`` has seed ``seed + b`` and the labels/captions of the real images of ``split``
+    (the labels also for the ``classifier`` of classifier guidance, when ``sampling`` holds
+    one); ``sampling``: :meth:`LatentDiffusionModule.sample` arguments. The kept images
     (``[keep, 3, H, W]`` on the CPU, for a grid) are None when ``keep`` is 0.
     """
-    conditions = conditions_from_data(module, datamodule, split, batch_size)
+    classifier = sampling.get("classifier") is not None
+    conditions = conditions_from_data(module, datamodule, split, batch_size, labels=classifier)
     samples = generate(
         module, num_samples, batch_size, conditions, seed=seed, progress=progress, **sampling
     )

@@ -1,8 +1,9 @@
 """Reading stage checkpoints with errors that say what was found and what to do.
 
 Every LightningModule of this package stamps its checkpoints with its stage kind
-(``"autoencoder"``, ``"conditioner"``, ``"latent_diffusion"``), so a later stage that is
-pointed at the wrong file fails at start with a message, not with a shape error mid-run.
+(``"autoencoder"``, ``"conditioner"``, ``"latent_diffusion"``, ``"noisy_classifier"``), so a
+later stage that is pointed at the wrong file fails at start with a message, not with a shape
+error mid-run.
 
 A stage is read from a ``.ckpt`` file, with ``weights_only=True`` (see
 :mod:`ldm_lightning.utils.safe_load`: a file whose pickle names other code is refused unless
@@ -35,6 +36,8 @@ HOW_TO_MAKE = {
     "(or shapes_kl, pets_vq, ...)",
     "conditioner": "train one with `python -m ldm_lightning.train +experiment=shapes_clip`",
     "latent_diffusion": "train one with `python -m ldm_lightning.train +experiment=shapes_ldm`",
+    "noisy_classifier": "train one with `python -m ldm_lightning.train "
+    "+experiment=shapes_noisy_classifier`",
 }
 
 M = TypeVar("M", bound=pl.LightningModule)

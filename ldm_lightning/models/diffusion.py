@@ -10,9 +10,8 @@ Orchestration only: processes, samplers, guidance and the UNet live in their own
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,17 +26,18 @@ from ldm_lightning.diffusion import (
     make_sampler,
     sample,
 )
-from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.diffusion.processes import make_process
-from ldm_lightning.models.checkpoints import SafeLoading, stamp
+from ldm_lightning.models.checkpoints import SafeLoading
 from ldm_lightning.models.conditioning import build_conditioning
-from ldm_lightning.models.first_stage import FirstStageHolder
+from ldm_lightning.models.latent_space import LatentSpace
 from ldm_lightning.models.optim import build_optimizer
-from ldm_lightning.models.speed import apply_speed_switches, rank_generator, to_memory_format
+from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.backbone import input_multiple
 from ldm_lightning.utils.targets import resolve_class
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ldm_lightning.models.noisy_classifier import NoisyClassifierModule
+
 # model.unet of a config (or checkpoint) without _target_.
 BACKBONE = "ldm_lightning.nn.unet.UNetModel"
 BACKBONE_HINT = (
@@ -48,7 +48,7 @@ BACKBONE_HINT = (
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "base_lr": 1e-4, "betas": (0.9, 0.999)}
 
 
-class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
+class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
@@ -129,10 +129,9 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             )
         if offset_noise < 0:
             raise ValueError(f"model.offset_noise must be >= 0 (0: off), got {offset_noise}")
-        self.latent_norm = LatentNormalizer(scale_factor, latent_norm)
         self.process = make_process(process, schedule, prediction, loss_weighting, min_snr_gamma)
         self.save_hyperparameters()
-        self.attach_first_stage(first_stage)
+        self.attach_latent_space(first_stage, scale_factor, latent_norm)
 
         channels = self.first_stage.latent_channels
         unet = dict(unet)
@@ -168,33 +167,10 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
                 f"{factor}), not divisible by {reason}."
             )
         self.unet = backbone(**unet)
-        self.noise_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ data
-    @property
-    def scale_factor(self) -> float | None:
-        """The latent scale ``1 / std(z)``; None until estimated or loaded, and in channel mode
-        (``latent_norm.mean`` and ``latent_norm.std`` hold the per-channel statistics)."""
-        return self.latent_norm.scale
-
-    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Normalised latents ``z0`` (``scale_factor * E(x)``, or per channel: ``latent_norm``) of
-        a batch of images or cached latents."""
-        return self.latent_norm.normalize(self.unscaled_latents(batch).float())
-
-    @torch.no_grad()
-    def unscaled_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``E(x)``: the cached latents of a batch, or its images encoded by the first stage."""
-        if "latent" in batch:
-            return batch["latent"].to(self.device)
-        return self.first_stage.encode(batch["image"].to(self.device))
-
     def configure_model(self) -> None:
         apply_speed_switches([self.unet], self.hparams.compile, self.hparams.channels_last)
-
-    def setup(self, stage: str) -> None:
-        if self._data is not None:
-            self.adopt_data(self._data)
 
     def adopt_data(self, data: DataSource) -> None:
         """Check ``data``'s labels against the model's and take what the config left open (the
@@ -204,14 +180,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
     def on_fit_start(self) -> None:
         make_sampler(self.sampling_settings()["sampler"])  # refused now, not at the first samples
         self.conditioner.prepare(self._data)
-        self.noise_generator = rank_generator(self)
-        if not self.latent_norm.fitted:
-            # Over the first ``scale_factor_batches`` training batches; rank 0's for all ranks.
-            data = self.data_source("the latent scale factor (model.scale_factor: null)")
-            self.latent_norm.fit(data.latent_stats(self.hparams.scale_factor_batches))
-            state = self.trainer.strategy.broadcast(self.latent_norm.state(), src=0)
-            self.latent_norm.load_state(state)
-            log.info("Latent normalisation estimated from data: %r", self.latent_norm)
+        super().on_fit_start()
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
@@ -278,7 +247,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             sync_dist=True,
         )
         if batch_idx == 0 and prefix == "val":
-            self.log_dict(self.latent_norm.summary(), on_epoch=True, batch_size=1)
+            self.log_latent_norm()
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -329,6 +298,8 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         guidance_rescale: float = 0.0,
         timestep_spacing: str | None = None,
         guidance_interval: list[float] | None = None,
+        classifier: NoisyClassifierModule | None = None,
+        classifier_scale: float = 0.0,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
@@ -337,7 +308,12 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         Salimans 2022, eq. 6), optionally rescaled (``guidance_rescale``, Lin et al. 2024 eq. 16;
         see :mod:`ldm_lightning.diffusion.guidance`), only at noise levels sigma / alpha in
         ``guidance_interval`` ``[lo, hi]`` when given (Kynkäänniemi et al. 2024);
-        ``unconditional=True`` samples with the null condition. The same
+        ``unconditional=True`` samples with the null condition. With a ``classifier`` (a
+        :class:`~ldm_lightning.models.noisy_classifier.NoisyClassifierModule` of this model's
+        first stage, latent normalisation, process and classes) and ``classifier_scale`` s != 0,
+        classifier guidance towards ``labels`` (Dhariwal & Nichol 2021, Algorithm 2:
+        ``eps - s sigma grad log p(y | z_t)``), alone or on top of classifier-free guidance; the
+        labels go to the classifier, and to the model too when it is class-conditional. The same
         ``seed`` gives the same images on any device. With ``return_trajectory`` also the
         latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
         ``sampler`` (a name or a ``_target_`` dict, see :meth:`sampling_settings`), ``steps``,
@@ -346,6 +322,16 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
         """
         self.latent_norm.check_fitted()
         settings = self.sampling_settings(sampler, steps, eta, timestep_spacing)
+        guide = None
+        if classifier is not None:
+            classifier = classifier.to(self.device).eval()
+            guide = classifier.guide(self, labels, n, classifier_scale)
+            if unconditional or getattr(self.conditioner, "inputs", None) != "labels":
+                labels = None  # the classifier's alone
+        elif classifier_scale:
+            raise ValueError(
+                f"classifier_scale={classifier_scale} needs a classifier (classifier_ckpt=...)"
+            )
         cond, uncond = self.conditioner.for_sampling(
             n, labels, prompts, negative_prompts, unconditional
         )
@@ -373,6 +359,7 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             return_trajectory=return_trajectory,
             timestep_spacing=settings["timestep_spacing"],
             process=self.process,
+            guide=guide if classifier_scale else None,
         )
         z, trajectory = result if return_trajectory else (result, None)
         images = self.decode(z)
@@ -397,12 +384,3 @@ class LatentDiffusionModule(SafeLoading, FirstStageHolder, pl.LightningModule):
             "samples": (images, max(1, int(n**0.5))),
             "trajectory": (frames.flatten(0, 1), columns),
         }
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stamp(checkpoint, self.kind, self)
-        checkpoint.update(self.latent_norm.state())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.latent_norm.load_state(checkpoint)

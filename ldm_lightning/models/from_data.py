@@ -1,9 +1,10 @@
 """What a model config leaves to the data: filled in from the datamodule before the model is built.
 
-A class-conditional config may leave ``num_classes`` null; the datamodule knows it (an image
-folder's sub-folders, the Pets breeds). Filled here, it is saved with the checkpoint like any
-hyperparameter, so the checkpoint alone rebuilds the model. Only what a null asks for is read
-from the data, so a config that gives it does not touch data that is not downloaded yet.
+A class-conditional config, or the noisy classifier's, may leave ``num_classes`` null; the
+datamodule knows it (an image folder's sub-folders, the Pets breeds). Filled here, it is saved
+with the checkpoint like any hyperparameter, so the checkpoint alone rebuilds the model. Only
+what a null asks for is read from the data, so a config that gives it does not touch data that
+is not downloaded yet.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ldm_lightning.utils.targets import resolve_class
 
 def fill_from_data(model_cfg: DictConfig, data: DataSource) -> DictConfig:
     """A copy of ``model_cfg`` (a ``conf/model`` config) with its data-decided values filled in:
-    the LDM's ``conditioning`` (:meth:`Conditioning.complete`) and a class conditioner's
-    ``encoder.num_classes``."""
+    the LDM's ``conditioning`` (:meth:`Conditioning.complete`), a class conditioner's
+    ``encoder.num_classes`` and the noisy classifier's ``num_classes``."""
     config: dict[str, Any] = OmegaConf.to_container(model_cfg, resolve=True)
     conditioning = config.get("conditioning")
     if isinstance(conditioning, dict):
@@ -33,6 +34,8 @@ def fill_from_data(model_cfg: DictConfig, data: DataSource) -> DictConfig:
     if (isinstance(encoder, dict) and _is_class_encoder(encoder)
             and encoder.get("num_classes") is None):
         encoder["num_classes"] = labelled(data).num_classes
+    if "num_classes" in config and config["num_classes"] is None:
+        config["num_classes"] = labelled(data, "the noisy classifier").num_classes
     return OmegaConf.create(config)
 
 

@@ -97,36 +97,14 @@ class ClassConditioning(Conditioning):
     def adopt_data(self, data: DataSource) -> dict[str, Any]:
         """Check that ``data``'s labels are this model's classes and take their names when the
         model has none; returns the config entries that changed."""
-        theirs = labelled(data).class_names
-        names = self.class_names
-        if self.num_classes != data.num_classes or (names and theirs and names != list(theirs)):
-            raise ValueError(
-                f"the model's {self.num_classes} classes {_listed(names)} are not the data's "
-                f"{data.num_classes} {_listed(theirs)}: a class-conditional model trains, samples "
-                "and is scored on the labels it was trained with. Use data with the same "
-                "classes, or train a new model (model.conditioning.num_classes: null follows "
-                "the data)."
-            )
-        if names is None and theirs is not None:
-            self.class_names = list(theirs)
-            return {"class_names": self.class_names}
+        names = adopt_classes(self.num_classes, self.class_names, data)
+        if names != self.class_names:
+            self.class_names = names
+            return {"class_names": names}
         return {}
 
-    def label_index(self, label: int | str) -> int:
-        """The index of a label given by index or by name (``"3"`` is index 3 unless a class
-        is named "3")."""
-        if isinstance(label, str):
-            if self.class_names is not None and label in self.class_names:
-                return self.class_names.index(label)
-            if label.strip().lstrip("-").isdigit():
-                return int(label)
-            raise ValueError(f"unknown class name {label!r}; {self.wanted()}")
-        return int(label)
-
     def check(self, conditions: Tensor | Sequence[int | str]) -> Tensor:
-        if not torch.is_tensor(conditions):
-            conditions = [self.label_index(label) for label in conditions]
-        return check_labels(conditions, self.num_classes)
+        return class_indices(conditions, self.num_classes, self.class_names, self.wanted())
 
     def drop(self, conditions: Tensor, mask: Tensor) -> Tensor:
         return conditions.masked_fill(mask.to(conditions.device), self.num_classes)
@@ -149,14 +127,58 @@ class ClassConditioning(Conditioning):
         return f"labels=[...] in 0..{self.num_classes - 1}{names}"
 
 
-def labelled(data: DataSource) -> DataSource:
+def labelled(data: DataSource, needed_by: str = "model/conditioning=class") -> DataSource:
     """``data``, or a ValueError when it has no labels."""
     if not data.num_classes:
         raise ValueError(
-            f"model/conditioning=class needs labelled data, but {type(data).__name__} has no "
+            f"{needed_by} needs labelled data, but {type(data).__name__} has no "
             "labels (a flat image folder: put the images into one sub-folder per class)"
         )
     return data
+
+
+def adopt_classes(
+    num_classes: int,
+    names: Sequence[str] | None,
+    data: DataSource,
+    config: str = "model.conditioning",
+    needed_by: str = "model/conditioning=class",
+) -> list[str] | None:
+    """The class names of a model with ``num_classes`` classes ``names`` trained or scored on
+    ``data``: its own, or the data's where it has none; a ValueError unless the data's labels
+    are its classes. For the messages: ``config``, where the model's ``num_classes`` is set, and
+    ``needed_by``, what needs labels."""
+    theirs = labelled(data, needed_by).class_names
+    if num_classes != data.num_classes or (names and theirs and list(names) != list(theirs)):
+        raise ValueError(
+            f"the model's {num_classes} classes {_listed(names)} are not the data's "
+            f"{data.num_classes} {_listed(theirs)}: a class-conditional model trains, samples "
+            "and is scored on the labels it was trained with. Use data with the same "
+            f"classes, or train a new model ({config}.num_classes: null follows the data)."
+        )
+    if names is None:
+        return list(theirs) if theirs is not None else None
+    return list(names)
+
+
+def class_indices(
+    labels: Tensor | Sequence[int | str], num_classes: int, names: Sequence[str] | None,
+    wanted: str,
+) -> Tensor:
+    """``labels`` given by index or by name (``"3"`` is index 3 unless a class is named "3")
+    as a long tensor, checked to be in ``0..num_classes-1``; ``wanted`` says what a caller must
+    pass, in the message of an unknown name."""
+    if torch.is_tensor(labels):
+        return check_labels(labels, num_classes)
+    indices = []
+    for label in labels:
+        if isinstance(label, str) and names is not None and label in names:
+            indices.append(list(names).index(label))
+        elif isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+            raise ValueError(f"unknown class name {label!r}; {wanted}")
+        else:
+            indices.append(int(label))
+    return check_labels(indices, num_classes)
 
 
 def _listed(names: Sequence[str] | None) -> str:
