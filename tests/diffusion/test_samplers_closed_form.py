@@ -90,7 +90,7 @@ def reference_sample(
 
     diffusers' ``DDIMScheduler`` steps from each timestep t of its grid to t - T // steps, which
     is not the next one with "linspace", nor with "trailing" when T % steps != 0 (see
-    ldm_lightning/diffusion/samplers.py): a different discretisation from ours and from its own
+    ldm_lightning/diffusion/samplers/): a different discretisation from ours and from its own
     ``DDPMScheduler``, 4 standard errors more accurate in std here for "trailing" at 15 steps.
     There the reference is DDIM as diffusers implements it elsewhere: DDIM with eta = 0 is the
     first-order DPM-Solver (Lu et al. 2022, DPM-Solver, sec. 4.1), so
@@ -101,7 +101,7 @@ def reference_sample(
     and ``HeunDiscreteScheduler`` are given our whole timesteps instead. diffusers' Euler
     ancestral scheduler takes neither timesteps nor x0 ("sample") predictions: there the
     reference is ``DDPMScheduler``, whose step is the same (Euler ancestral with eta = 1 is DDPM's
-    posterior step: ldm_lightning/diffusion/samplers.py, test_samplers_every_process.py).
+    posterior step: ldm_lightning/diffusion/samplers/, test_samplers_every_process.py).
     """
     config = {
         "num_train_timesteps": 1000,

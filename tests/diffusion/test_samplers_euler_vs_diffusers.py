@@ -2,7 +2,7 @@
 on every process, driven by the same model from the same x_T with the same step noise.
 
 **Frames.** diffusers' Euler-family schedulers hold the solver's variable y = x / f of
-ldm_lightning/diffusion/processes.py: on the DDPM chain the variance-exploding x_hat = x / alpha
+ldm_lightning/diffusion/processes/: on the DDPM chain the variance-exploding x_hat = x / alpha
 (``init_noise_sigma`` and ``scale_model_input``, which divides by sqrt(sigma_hat^2 + 1) = 1 / alpha
 and so hands the model our x); for flow and EDM x itself (f = 1). Both loops therefore start from
 one draw: diffusers' ``randn * init_noise_sigma`` is y_T, ours ``x_T = f_T y_T``, and the final

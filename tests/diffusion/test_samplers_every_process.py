@@ -107,7 +107,7 @@ def test_point_mass_is_hit(process: str, sampler: str):
 @pytest.mark.parametrize("process", tuple(PROCESSES))
 def test_euler_pairs_draw_the_same_samples(process: str):
     """On the same grid and noise, Euler is DDIM with eta = 0, and Euler ancestral is DDIM with
-    eta = 1, which is DDPM's posterior step (samplers.py), on any process."""
+    eta = 1, which is DDPM's posterior step (diffusion/samplers/rules.py), on any process."""
     same = {"steps": 20, "std": STD, "n": 256}
     torch.testing.assert_close(draw(process, "euler", **same), draw(process, "ddim", **same))
     ancestral = draw(process, "euler_ancestral", **same)

@@ -1,6 +1,6 @@
 """Full sampling trajectories against diffusers' schedulers driven by the same model and noise.
 
-Conventions matched (see ldm_lightning/diffusion/samplers.py): steps_offset=0, clip_sample=False,
+Conventions matched (see ldm_lightning/diffusion/samplers/): steps_offset=0, clip_sample=False,
 DDIM with set_alpha_to_one=True (the last step lands on abar = 1), DPM-Solver++ with
 final_sigmas_type="zero" and lower_order_final=True. Random draws come from one generator per
 side seeded alike: x_T first, then one draw per stochastic step.
