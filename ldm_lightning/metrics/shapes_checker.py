@@ -88,26 +88,24 @@ def read_image(image: torch.Tensor) -> dict[str, str | float]:
 
 
 def score_labels(
-    images: torch.Tensor, labels: Sequence[int], clean_iou: float = CLEAN_IOU
+    images: torch.Tensor, labels: Sequence[int] | None = None, clean_iou: float = CLEAN_IOU
 ) -> dict[str, float]:
-    """The checker's scores of class-conditional samples ``[N, 3, H, W]`` in [-1, 1], image ``i``
-    asked for shapes label ``labels[i]``:
+    """The checker's scores of samples ``[N, 3, H, W]`` in [-1, 1]:
 
-    - ``accuracy``: the share read as the asked-for shape and colour;
+    - ``accuracy`` (with ``labels``, image ``i`` having asked for shapes label ``labels[i]``):
+      the share read as the asked-for shape and colour;
     - ``shape_iou``: the mean IoU of the read shapes with their fits;
     - ``clean``: the share with that IoU above ``clean_iou``.
     """
-    if len(images) != len(labels) or not len(images):
-        raise ValueError(f"{len(images)} images for {len(labels)} labels; give one label each")
-    right, ious = 0, []
-    for image, label in zip(images, labels, strict=True):
-        shape, colour = describe_label(int(label))
-        read = read_image(image)
-        right += read["shape"] == shape and read["colour"] == colour
-        ious.append(read["iou"])
-    iou = torch.tensor(ious)
-    return {
-        "accuracy": right / len(ious),
-        "shape_iou": iou.mean().item(),
-        "clean": (iou > clean_iou).float().mean().item(),
-    }
+    if not len(images) or (labels is not None and len(images) != len(labels)):
+        count = "no" if labels is None else len(labels)
+        raise ValueError(f"{len(images)} images for {count} labels; give one label each")
+    reads = [read_image(image) for image in images]
+    iou = torch.tensor([read["iou"] for read in reads])
+    scores = {"shape_iou": iou.mean().item(), "clean": (iou > clean_iou).float().mean().item()}
+    if labels is not None:
+        asked = [describe_label(int(label)) for label in labels]
+        pairs = zip(reads, asked, strict=True)
+        right = sum((read["shape"], read["colour"]) == want for read, want in pairs)
+        scores = {"accuracy": right / len(reads), **scores}
+    return scores
