@@ -135,7 +135,7 @@ class TimedCheckpoints(pl.Callback):
         self._stop()  # the write itself is not training
         seconds = trainer.strategy.broadcast(self.train_seconds)
         path = self.dirpath / f"t{int(seconds):06d}s-step{trainer.global_step:07d}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # callbacks stamp full ones only
         self.saved.append(path)
         self._saved_step = trainer.global_step
         self._start()
