@@ -50,8 +50,9 @@ OFFERS: dict[str, set[str]] = {
 NUM_CLASSES = {"shapes": 18, "image_folder": 3, "pets": len(BREEDS), "celebahq": 2}
 
 
-# The demo's pair (`make demo`): a KL autoencoder and a class-conditional LDM.
-ALIASES = {"demo_kl": "kl", "demo_ldm": "ldm_class"}
+# The demo's pair (`make demo`): a KL autoencoder and a class-conditional LDM; the f=8 shapes
+# autoencoder.
+ALIASES = {"demo_kl": "kl", "demo_ldm": "ldm_class", "kl_f8": "kl"}
 
 
 def kind(experiment: str) -> str:
