@@ -82,7 +82,8 @@ def compare(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
             module.to(device).adopt_data(datamodule)
             scores, images, labels = score_checkpoint(
                 module, GenerativeMetrics(extractor, real), cfg.per_class, cfg.num_samples,
-                cfg.batch_size, shapes=datamodule.name == "shapes", seed=cfg.seed, **sampling,
+                cfg.batch_size, shapes=datamodule.name == "shapes", seed=cfg.seed,
+                progress=cfg.progress, **sampling,
             )
             if cfg.save_grids:
                 save_grid(images, out_dir / "grids" / folder_name(variant) / f"{path.stem}.png",

@@ -163,6 +163,7 @@ def score_checkpoint(
     batch_size: int,
     shapes: bool,
     seed: int = 0,
+    progress: bool = False,
     **sampling: Any,
 ) -> tuple[dict[str, float], torch.Tensor, list[int] | None]:
     """Scores of a latent diffusion ``module``'s samples, the samples ``[N, 3, H, W]`` and the
@@ -180,8 +181,9 @@ def score_checkpoint(
         labels, _ = per_class_labels(module, per_class)
         num_samples = len(labels)
     start = time.perf_counter()
-    batches = generate(module, num_samples, batch_size,
-                       batch_conditions(num_samples, batch_size, labels), seed=seed, **sampling)
+    conditions = batch_conditions(num_samples, batch_size, labels)
+    batches = generate(module, num_samples, batch_size, conditions, seed=seed, progress=progress,
+                       **sampling)
     images = []
     for batch in batches:
         metrics.update(batch)
