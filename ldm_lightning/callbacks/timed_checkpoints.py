@@ -10,7 +10,9 @@ trainer writes while it runs (``last.ckpt`` and the best one included) a ``train
   validation (``on_validation_start`` to ``on_validation_end``: the validation loss, the image
   grids and FID callbacks run there, and the swap to EMA weights) and in its own checkpoint
   writes. It includes data loading, forward, backward and optimizer steps, EMA updates, the
-  other callbacks' per-batch work (logging, progress) and the per-epoch ``last.ckpt`` write.
+  other callbacks' per-batch work (logging, progress), the per-epoch ``last.ckpt`` write and
+  the best checkpoint's (Lightning runs checkpoint callbacks after this one, so
+  ``ModelCheckpoint`` writes after validation has ended here).
   It excludes what runs before ``on_train_start``: the sanity check, building the latent
   cache and estimating the latent scale.
 - ``wall_seconds``: all the time since training started, what ``trainer.max_time`` counts
