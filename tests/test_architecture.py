@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "ldm_lightning"
 ENTRY_POINTS = {f"ldm_lightning.{name}" for name in ("train", "sample", "evaluate", "export",
-                                                      "plots", "pipeline")}
+                                                      "plots", "pipeline", "compare")}
 MAX_LINES = 400
 
 

@@ -1,7 +1,7 @@
 """Config liveness: every key of the entry-point and model configs has an observable effect.
 
-The keys are read from the YAML files themselves: ``conf/sample.yaml``, ``conf/evaluate.yaml``
-and every ``conf/model/*.yaml`` as Hydra composes it (its defaults included: vq.yaml into
+The keys are read from the YAML files themselves: ``conf/sample.yaml``, ``conf/evaluate.yaml``,
+``conf/compare_report.yaml`` and every ``conf/model/*.yaml`` as Hydra composes it (its defaults included: vq.yaml into
 kl.yaml, conditioner_text.yaml into conditioner_class.yaml, each ``conf/scheduler`` option into
 ldm.yaml's and noisy_classifier.yaml's ``schedule``, each ``conf/model/process`` option into
 their ``process``, each ``conf/model/sampler`` option into ldm.yaml's ``sampling.sampler``, each
@@ -35,6 +35,7 @@ import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,6 +50,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
+from ldm_lightning.callbacks.timed_checkpoints import TIME_KEY
+from ldm_lightning.compare import compare
 from ldm_lightning.data.shapes import ShapesDataset
 from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.evaluate import evaluate
@@ -58,7 +61,7 @@ from ldm_lightning.models.checkpoints import read_checkpoint
 from ldm_lightning.models.conditioner import ENCODERS
 from ldm_lightning.nn.condition_encoders import CaptionEncoder
 from ldm_lightning.sample import run as sample_run
-from tests.checkpoint_utils import foreign_copy, perturbed_copy, write_checkpoint
+from tests.checkpoint_utils import foreign_copy, perturbed_copy, stage_only, write_checkpoint
 from tests.clip_utils import write_tiny_clip
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.losses.test_perceptual import no_network  # noqa: F401 - a fixture
@@ -71,7 +74,7 @@ from tests.test_evaluate import EXTRACTOR, TINY_DATA, checkpoints  # noqa: F401 
 
 CONF = Path(__file__).parents[1] / "conf"
 CONDITIONING = "model/conditioning"  # a group of model/ldm; each option is a config here
-ENTRY_CONFIGS = ("sample", "evaluate")
+ENTRY_CONFIGS = ("sample", "evaluate", "compare_report")
 SKIPPED = {"_convert_", "_partial_", "_recursive_"}  # instantiate's, not ours
 # The defaults list, Hydra's own settings and the class instantiate builds; a nested _target_
 # (model.optimizer, model.unet, model.encoder) chooses a part the module builds: ours.
@@ -253,6 +256,33 @@ EVALUATE: dict[str, Entry] = {
         raises="pretrained_backbone=false", fixtures=("no_network",),
     ),
     "save_grid": Live("report", False),
+    "progress": Live("progress", True),
+}
+
+# The report's runs (stage_files): <compare_runs> holds two runs of untrained class LDMs on 8 px
+# shapes, <compare_uncond> one of the unconditional <ldm> on 16 px.
+COMPARE: dict[str, Entry] = {
+    "task_name": Live("run_dir", "another_task"),
+    "runs": Live("report", ["<compare_runs>/0"]),
+    "out_dir": Live("report", "<run>/elsewhere"),
+    "trust_checkpoint": refused_unless_trusted("report", {"runs": ["<compare_foreign>"]}),
+    "device": Live("devices", "meta"),
+    "per_class": Live("report", 2),
+    "num_samples": Live("report", 2, context={"runs": ["<compare_uncond>"]}),
+    "batch_size": Live("report", 5),  # batch i has seed + i
+    "sampler": Live("report", "ddim"),
+    "steps": Live("report", 3),
+    "eta": Live("report", 1.0, context={"sampler": "ddim"}),  # dpmpp_2m takes none
+    "timestep_spacing": Live("report", "leading"),
+    "guidance_scale": Live("report", 1.0),
+    "guidance_rescale": Live("report", 0.7),
+    "guidance_interval": Live("report", [0.6, 2.0]),  # sigma 1.32 in, 0.54 out (2 steps)
+    "seed": Live("report", 1),
+    "split": Live("report", "val"),
+    "num_real": Live("report", 8),
+    "feature_extractor": Live("report", "tests.metrics.test_fid.CountingFeatures"),
+    "stats_dir": Live("report", "<run>/other_stats"),
+    "save_grids": Live("report", False),
     "progress": Live("progress", True),
 }
 
@@ -503,6 +533,7 @@ def keyed(config: str, entries: dict[str, Entry]) -> dict[str, Entry]:
 TABLE: dict[str, Entry] = {
     **keyed("sample", SAMPLE),
     **keyed("evaluate", EVALUATE),
+    **keyed("compare_report", COMPARE),
     **keyed("model/vq", VQ),
     **keyed("model/kl", KL),
     **keyed("model/ldm", LDM),
@@ -637,6 +668,8 @@ TINY = {
         f"feature_extractor={EXTRACTOR}", "progress=false", "num_samples=4", "batch_size=3",
         *TINY_DATA,
     ],
+    "compare_report": [f"feature_extractor={EXTRACTOR}", "progress=false", "per_class=1",
+                       "num_samples=4", "batch_size=9", "steps=2"],
 }
 # A conditioning option is built into the tiny LDM (a text encoder built here, trained jointly).
 TINY_CONDITIONING = {
@@ -652,6 +685,7 @@ TINY_CONDITIONING = {
 BASE_SETTINGS = {
     "sample": {"ckpt_path": "<ldm>"},
     "evaluate": {"ckpt_path": "<ldm>", "stats_dir": "<run>/stats"},
+    "compare_report": {"runs": ["<compare_runs>"], "stats_dir": "<run>/stats"},
     f"{CONDITIONING}/pretrained_text": {"text_pretrained": "<tiny_clip>"},
 }
 FAMILIES = {
@@ -920,11 +954,29 @@ def report(cfg: DictConfig, run: Path) -> dict[str, Any]:
     }
 
 
-def progress_bar_drawn(cfg: DictConfig, run: Path) -> bool:
+def progress_bar_drawn(call: Callable[[], Any]) -> bool:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        evaluate(cfg)
+        call()
     return bool(re.search(r"\d+%\|", stderr.getvalue()))
+
+
+# What compare.json repeats from the config, and the one number that is a measured time.
+COMPARE_ECHOED = ("settings", "command", "feature_extractor")
+
+
+def compare_report(cfg: DictConfig, run: Path) -> dict[str, Any]:
+    written = compare(cfg)
+    runs = [
+        {**entry, "path": None,
+         "checkpoints": [{k: v for k, v in row.items() if k != "sampling_seconds"}
+                         for row in entry["checkpoints"]]}
+        for entry in written["runs"]
+    ]
+    return {
+        "report": {**{k: v for k, v in written.items() if k not in COMPARE_ECHOED}, "runs": runs},
+        "files": files_under(run, exclude=("compare.json", "compare.md")),
+    }
 
 
 def run_dir(config: str, settings: Mapping[str, Any]) -> str:
@@ -945,8 +997,14 @@ ENTRY_OBSERVERS: dict[str, dict[str, Callable[[DictConfig, Path], Any]]] = {
     },
     "evaluate": {
         "report": report,
-        "progress": progress_bar_drawn,
+        "progress": lambda cfg, run: progress_bar_drawn(lambda: evaluate(cfg)),
         "devices": lambda cfg, run: devices_moved_to(lambda: evaluate(cfg)),
+        "run_dir": None,
+    },
+    "compare_report": {
+        "report": compare_report,
+        "progress": lambda cfg, run: progress_bar_drawn(lambda: compare(cfg)),
+        "devices": lambda cfg, run: devices_moved_to(lambda: compare(cfg)),
         "run_dir": None,
     },
 }
@@ -1032,12 +1090,17 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     clip_ckpt = write_checkpoint(clip, root / "clip.ckpt")
     classifier = classifier_of(checkpoints["ldm"], checkpoints["ae"])
     classifier_ckpt = write_checkpoint(classifier, root / "classifier.ckpt")
+    class_ckpt = write_checkpoint(class_ldm, root / "class_ldm.ckpt")
+    other_class = perturbed_copy(class_ckpt, root / "class_ldm_other.ckpt")
+    runs = root / "compare_runs"
+    compare_run(class_ckpt, runs / "0", image_size=8, variant="a")
+    compare_run(other_class, runs / "1", image_size=8, variant="b")
     return {
         "<ldm>": perturbed_copy(checkpoints["ldm"], root / "ldm.ckpt", seed=0),
         "<ldm_perturbed>": perturbed_copy(checkpoints["ldm"], root / "ldm_perturbed.ckpt", seed=1),
         "<ae>": checkpoints["ae"],
         "<ae_perturbed>": perturbed_copy(checkpoints["ae"], root / "ae_perturbed.ckpt"),
-        "<class_ldm>": write_checkpoint(class_ldm, root / "class_ldm.ckpt"),
+        "<class_ldm>": class_ckpt,
         "<text_ldm>": write_checkpoint(text_ldm, root / "text_ldm.ckpt"),
         "<ldm_foreign>": foreign_copy(checkpoints["ldm"], root / "ldm_foreign.ckpt"),
         "<ae_foreign>": foreign_copy(checkpoints["ae"], root / "ae_foreign.ckpt"),
@@ -1047,6 +1110,10 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
         "<tiny_clip_other>": perturbed_clip(root / "tiny_clip", root / "tiny_clip_other"),
         "<classifier>": classifier_ckpt,
         "<classifier_other>": perturbed_copy(classifier_ckpt, root / "classifier_other.ckpt"),
+        "<compare_runs>": runs,
+        "<compare_uncond>": compare_run(checkpoints["ldm"], root / "compare_uncond", 16, "u"),
+        "<compare_foreign>": compare_run(class_ckpt, root / "compare_foreign", 8, "f",
+                                         foreign=True),
     }
 
 
@@ -1063,6 +1130,25 @@ def classifier_of(ldm_ckpt: Path, ae_ckpt: Path) -> NoisyClassifierModule:
         process=hparams["process"], schedule=hparams["schedule"], scale_factor=ldm["scale_factor"],
     )
     return randomise_zero_parameters(classifier)
+
+
+def compare_run(ckpt: Path, run: Path, image_size: int, variant: str,
+                foreign: bool = False) -> Path:
+    """A run directory as +experiment=shapes_compare leaves it: its config.yaml (tiny shapes at
+    ``image_size``), .hydra/overrides.yaml and one time-stamped copy of the stage ``ckpt`` (with
+    a pickle global outside torch's allowlist if ``foreign``)."""
+    checkpoint = stage_only(torch.load(ckpt, map_location="cpu", weights_only=True))
+    checkpoint[TIME_KEY] = {"train_seconds": 1.0, "wall_seconds": 1.5, "global_step": 1, "epoch": 0}
+    if foreign:
+        checkpoint["foreign"] = Fraction(1, 3)
+    (run / "checkpoints" / "timed").mkdir(parents=True)
+    torch.save(checkpoint, run / "checkpoints" / "timed" / "t000001s-step0000001.ckpt")
+    data = {"_target_": "ldm_lightning.data.shapes.ShapesDataModule", "image_size": image_size,
+            "num_train": 16, "num_val": 8, "num_test": 8, "batch_size": 4}
+    OmegaConf.save(OmegaConf.create({"data": data}), run / "config.yaml")
+    (run / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create([f"compare={variant}"]), run / ".hydra" / "overrides.yaml")
+    return run
 
 
 def perturbed_clip(src: Path, dst: Path, std: float = 0.05) -> Path:

@@ -52,8 +52,10 @@ OFFERS: dict[str, set[str]] = {
 NUM_CLASSES = {"shapes": 18, "image_folder": 3, "pets": len(BREEDS), "celebahq": 2}
 
 
-# The demo's pair (`make demo`): a KL autoencoder and a class-conditional LDM.
-ALIASES = {"demo_kl": "kl", "demo_ldm": "ldm_class"}
+# The demo's pair (`make demo`): a KL autoencoder and a class-conditional LDM; the f=8 shapes
+# autoencoder; the equal-budget comparison, a class-conditional LDM (its default variant, pixel
+# space, reads no first stage).
+ALIASES = {"demo_kl": "kl", "demo_ldm": "ldm_class", "kl_f8": "kl", "compare": "ldm_class"}
 
 
 def kind(experiment: str) -> str:

@@ -1,17 +1,8 @@
 """Conditioning accuracy of a shapes LDM: read colour and shape back from generated pixels.
 
-A deterministic checker, no learned model:
-
-- background colour: the median of the one-pixel border;
-- coverage ``alpha`` of each pixel: its position on the line from the background colour to
-  the shape colour, where the shape colour is the median of the pixels far from the background;
-- shape colour: the nearest palette colour (``SHAPE_COLOURS``) to that median;
-- shape: the best of three fits. For each of circle, square and triangle, the shape with the
-  observed area ``A = sum(alpha)`` and centroid (circumcentre = centroid for all three; radius
-  from ``A = pi r^2``, ``2 r^2``, ``3 sqrt(3) / 4 r^2``) is rendered by the dataset's own
-  ``shape_mask``; the one with the least ``sum |alpha - mask|`` wins. (A fill ratio in the
-  bounding box, pi/4 vs 1 vs 1/2, misreads ~1.5% of small real shapes at 32 px: the box is
-  off by a pixel.)
+The checker (``ldm_lightning.metrics.shapes_checker``: background from the border, shape
+colour from the pixels far from it, shape by the best fit of the dataset's own masks) needs no
+learned model.
 
 The checker's accuracy on real renders is measured first (``--calibration``, ~100%). Then the
 first stage's ceiling: real renders of every benchmark prompt (random position and size), sent
@@ -29,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -37,64 +27,17 @@ import torch
 
 from ldm_lightning.data.shapes import (
     BACKGROUND_COLOURS,
-    COLOUR_NAMES,
     NUM_CLASSES,
     SHAPE_COLOURS,
     ShapesDataset,
     ShapeSpec,
     describe_label,
     render,
-    shape_mask,
 )
+from ldm_lightning.metrics.shapes_checker import read_image
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.utils.images import save_grid
-
-PALETTE = torch.tensor([SHAPE_COLOURS[name] for name in COLOUR_NAMES], dtype=torch.float32)
-BACKGROUNDS = torch.tensor(list(BACKGROUND_COLOURS.values()), dtype=torch.float32)
-# Area of each shape of circumradius r, over r^2 (shapes.shape_mask's geometry).
-AREA_OVER_R2 = {"circle": math.pi, "square": 2.0, "triangle": 3 * math.sqrt(3) / 4}
-
-
-def fit_shape(alpha: torch.Tensor) -> tuple[str, float]:
-    """The shape whose render at ``alpha``'s area and centroid is nearest to it (L1), and the
-    IoU of the two at coverage 1/2 (1 for a clean render; lower for a distorted or noisy one)."""
-    size = alpha.shape[-1]
-    area = alpha.sum().item()
-    if area <= 0:
-        return "circle", 0.0
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    cx = (alpha.sum(0) @ coords).item() / area
-    cy = (alpha.sum(1) @ coords).item() / area
-    errors, masks = {}, {}
-    for shape, factor in AREA_OVER_R2.items():
-        radius = math.sqrt(area / factor) / size
-        spec = ShapeSpec(shape, COLOUR_NAMES[0], "white", cx, cy, radius)
-        masks[shape] = torch.from_numpy(shape_mask(spec, size))
-        errors[shape] = (alpha - masks[shape]).abs().sum().item()
-    best = min(errors, key=errors.get)
-    observed, fitted = alpha > 0.5, masks[best] > 0.5
-    union = (observed | fitted).sum().item()
-    return best, (observed & fitted).sum().item() / union if union else 0.0
-
-
-def read_image(image: torch.Tensor) -> dict[str, str]:
-    """``{"shape", "colour", "background", "iou"}`` read from one image ``[3, H, W]`` in
-    [-1, 1]; ``iou`` is how well the read shape fits (:func:`fit_shape`)."""
-    rgb = (image.float().clamp(-1, 1) + 1) * 127.5
-    pixels = rgb.flatten(1).T
-    border = torch.cat([rgb[:, 0], rgb[:, -1], rgb[:, :, 0], rgb[:, :, -1]], dim=1).T
-    background = border.median(dim=0).values
-    distance = (pixels - background).norm(dim=1)
-    far = distance > 0.5 * distance.max()
-    foreground = pixels[far].median(dim=0).values if far.any() else background
-    direction = foreground - background
-    alpha = ((pixels - background) @ direction / direction.dot(direction).clamp(min=1e-6))
-    alpha = alpha.clamp(0, 1).view(rgb.shape[1:])
-    shape, iou = fit_shape(alpha)
-    colour = COLOUR_NAMES[(PALETTE - foreground).norm(dim=1).argmin()]
-    background_name = list(BACKGROUND_COLOURS)[(BACKGROUNDS - background).norm(dim=1).argmin()]
-    return {"shape": shape, "colour": colour, "background": background_name, "iou": iou}
 
 
 def calibrate(image_size: int, count: int) -> dict[str, float]:

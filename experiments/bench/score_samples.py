@@ -1,5 +1,5 @@
 """Score a folder of shapes samples (what ``python -m ldm_lightning.sample`` writes) with the
-conditioning benchmark's checker (``conditioning_accuracy.read_image``).
+conditioning benchmark's checker (``ldm_lightning.metrics.shapes_checker.read_image``).
 
 A sample is *clean* when the IoU of its shape with the best-fitting clean circle, square or
 triangle is above 0.8. Samples written with ``per_class=N`` lie in ``samples/<colour> <shape>/``;
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conditioning_accuracy import read_image  # noqa: E402
+from ldm_lightning.metrics.shapes_checker import read_image
 
 
 def score_folder(folder: Path, threshold: float = 0.8) -> dict[str, float]:

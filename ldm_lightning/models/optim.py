@@ -75,7 +75,9 @@ def schedule_lambda(module: pl.LightningModule, cfg: dict[str, Any]) -> Callable
         if not math.isfinite(estimate):
             raise ValueError(
                 f"model.optimizer.schedule={schedule} needs a known run length: set "
-                "trainer.max_epochs or trainer.max_steps (the decay is spread over it)."
+                "trainer.max_epochs or trainer.max_steps (the decay is spread over it). A "
+                "wall-clock budget alone (trainer.max_time) gives none: use "
+                "model.optimizer.schedule=constant there (as +experiment=shapes_compare does)."
             )
         total = int(estimate)
     return lambda step: lr_factor(step, warmup, total, schedule, min_ratio)

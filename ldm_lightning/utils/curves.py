@@ -3,7 +3,8 @@
 Reads Lightning's CSVLogger ``metrics.csv`` (one row per logging call, empty cells for metrics
 not logged in it): ``train/loss_step``, ``train/loss_epoch`` and ``val/loss`` all land in
 ``loss.png``; ``val/fid`` in ``fid.png``; ``lr-AdamW`` in ``lr-AdamW.png``. The x axis is the
-global step.
+global step. :func:`plot_lines` draws any such labelled lines into one PNG (the comparison
+report's quality-vs-time curves too), written through the atomic-write helper.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import csv
 import math
 import re
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["plot_run", "quantity", "read_metrics"]
+from ldm_lightning.utils.atomic import atomic_write
+
+__all__ = ["plot_lines", "plot_run", "quantity", "read_metrics"]
 
 Series = dict[str, list[tuple[int, float]]]
 _STAGE = re.compile(r"^(train|val|test)/")
@@ -52,8 +57,8 @@ def read_metrics(path: str | Path) -> dict[str, Series]:
     return {name: dict(series) for name, series in curves.items()}
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write one PNG per quantity of ``run_dir``; returns their paths (sorted by name)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or an ImportError saying what to do."""
     try:
         import matplotlib
 
@@ -64,24 +69,46 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             "plots need matplotlib: install it with `pip install matplotlib` (a dependency "
             "declared in pyproject.toml; `make install` installs it)."
         ) from error
+    return plt
+
+
+def plot_lines(
+    lines: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """One 600x400 PNG at ``path`` with a line ``(x, y), ...`` per label; returns the path.
+
+    Lines of more than 20 points are drawn without markers.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, points in lines.items():
+        xs, ys = zip(*points)
+        style = "-" if len(points) > 20 else "o-"
+        ax.plot(xs, ys, style, label=label, markersize=3, linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write one PNG per quantity of ``run_dir``; returns their paths (sorted by name)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, series in sorted(read_metrics(run_dir / "csv" / "metrics.csv").items()):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        for column, points in sorted(series.items()):
-            steps, values = zip(*points)
-            style = "-" if len(points) > 20 else "o-"
-            ax.plot(steps, values, style, label=column, markersize=3, linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        ax.set_title(f"{name} ({run_dir.name})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    curves = read_metrics(run_dir / "csv" / "metrics.csv")
+    return [
+        plot_lines(dict(sorted(series.items())), out_dir / f"{name}.png", "step", name,
+                   f"{name} ({run_dir.name})")
+        for name, series in sorted(curves.items())
+    ]
