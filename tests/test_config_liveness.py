@@ -1,14 +1,14 @@
 """Config liveness: every key of the entry-point and model configs has an observable effect.
 
 The keys are read from the YAML files themselves: ``conf/sample.yaml``, ``conf/evaluate.yaml``,
-``conf/compare_report.yaml`` and every ``conf/model/*.yaml`` as Hydra composes it (its defaults included: vq.yaml into
-kl.yaml, conditioner_text.yaml into conditioner_class.yaml, each ``conf/scheduler`` option into
-ldm.yaml's and noisy_classifier.yaml's ``schedule``, each ``conf/model/process`` option into
-their ``process``, each ``conf/model/sampler`` option into ldm.yaml's ``sampling.sampler``, each
-``conf/model/backbone`` option into ldm.yaml's ``unet``), and
+``conf/compare_report.yaml`` and every ``conf/model/*.yaml`` as Hydra composes it (its defaults
+included: vq.yaml into kl.yaml, conditioner_text.yaml into conditioner_class.yaml, each
+``conf/scheduler`` option into ldm.yaml's and noisy_classifier.yaml's ``schedule``, each
+``conf/model/process`` option into their ``process``, each ``conf/model/sampler`` option into
+ldm.yaml's ``sampling.sampler``, each ``conf/model/backbone`` option into ldm.yaml's ``unet``), and
 every option of ldm.yaml's ``model/conditioning`` group, each a config of its own
-(``model/conditioning/<option>``, keys relative to ``model.conditioning``).
-``TABLE`` gives each ``<config>:<dotted key>`` one entry:
+(``model/conditioning/<option>``, keys relative to ``model.conditioning``). ``TABLE`` gives each
+``<config>:<dotted key>`` one entry:
 
 - :class:`Live`: the tiny object is built twice, with the key's base value and with ``value``
   (both with ``context``), and ``observe`` must differ: the samples, the loss, the module's
