@@ -30,7 +30,6 @@ from ldm_lightning.diffusion.processes import make_process
 from ldm_lightning.models.checkpoints import SafeLoading
 from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.latent_space import LatentSpace
-from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.backbone import input_multiple
 from ldm_lightning.utils.targets import resolve_class
@@ -97,6 +96,7 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
     """
 
     kind = "latent_diffusion"
+    default_optimizer = OPTIMIZER
 
     def __init__(
         self,
@@ -248,11 +248,6 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
         )
         if batch_idx == 0 and prefix == "val":
             self.log_latent_norm()
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer, scheduler = build_optimizer(self, params, self.hparams.optimizer, OPTIMIZER)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ sampling
     def sampling_settings(

@@ -19,6 +19,7 @@ from ldm_lightning.data.interface import DataSource
 from ldm_lightning.diffusion.latent_norm import LatentNormalizer
 from ldm_lightning.models.checkpoints import stamp
 from ldm_lightning.models.first_stage import FirstStageHolder
+from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.models.speed import rank_generator
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,21 @@ class LatentSpace(FirstStageHolder):
     Gives them the first stage and the latent normalisation (:meth:`attach_latent_space`), the
     latents of a batch (:meth:`latents`), the estimate of the normalisation and a per-rank noise
     generator at the start of fit, the data handshake at setup (:meth:`adopt_data`), and the
-    checkpoint entries: the stage stamp (``kind``) and the normalisation.
+    checkpoint entries: the stage stamp (``kind``) and the normalisation; and the optimizer of
+    its trainable parameters from ``hparams.optimizer`` (defaults: ``default_optimizer``).
     """
 
     kind: str
+    default_optimizer: dict[str, Any]
     latent_norm: LatentNormalizer
     noise_generator: torch.Generator | None = None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer, scheduler = build_optimizer(
+            self, params, self.hparams.optimizer, self.default_optimizer
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def attach_latent_space(
         self, first_stage: dict[str, Any] | None, scale_factor: float | None, latent_norm: str

@@ -31,7 +31,6 @@ from ldm_lightning.models.checkpoints import SafeLoading
 from ldm_lightning.models.conditioning.base import expand
 from ldm_lightning.models.conditioning.classes import adopt_classes, class_indices
 from ldm_lightning.models.latent_space import LatentSpace
-from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.nn.condition_encoders import check_labels
 from ldm_lightning.utils.targets import resolve_class
 
@@ -78,6 +77,7 @@ class NoisyClassifierModule(SafeLoading, LatentSpace, pl.LightningModule):
     """
 
     kind = "noisy_classifier"
+    default_optimizer = OPTIMIZER
 
     def __init__(
         self,
@@ -194,11 +194,6 @@ class NoisyClassifierModule(SafeLoading, LatentSpace, pl.LightningModule):
                      on_epoch=True, batch_size=count, sync_dist=True)
         if batch_idx == 0 and prefix == "val":
             self.log_latent_norm()
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer, scheduler = build_optimizer(self, params, self.hparams.optimizer, OPTIMIZER)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ guidance
     def wanted(self) -> str:
