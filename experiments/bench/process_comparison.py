@@ -1,12 +1,13 @@
 """Noise processes compared at equal training on the class-conditional shapes LDM.
 
-Each variant is the demo's class LDM (``+experiment=shapes_demo_ldm``: v-prediction, min-SNR-5,
-cosine rate, EMA) with one switch, trained for the same batches on the same autoencoder:
+Each variant is the demo's class LDM (``+experiment=shapes_demo_ldm``: cosine rate to 0.1x,
+EMA 0.995, guidance dropout 10%) under one noise process, trained for the same batches on the
+same autoencoder:
 
 - ``ddpm_eps``: DDPM, eps-prediction, uniform weight (L_simple, DDPM eq. 14);
-- ``ddpm_v``: DDPM, v-prediction, min-SNR-5 (the demo's default);
+- ``ddpm_v``: DDPM, v-prediction, min-SNR-5 (the demo's recipe before this comparison);
 - ``ddpm_v_zts``: ``ddpm_v`` on the zero-terminal-SNR schedule (Lin et al. 2024, Alg. 1);
-- ``flow``: rectified flow with logit-normal t (``model/process=flow``; SD3);
+- ``flow``: rectified flow with logit-normal t (``model/process=flow``; SD3; the demo's since);
 - ``edm``: EDM preconditioning and log-normal sigma (``model/process=edm``; Karras et al. 2022).
 
 The same backbone and batches cost the same for every process, so equal batches are equal
@@ -45,10 +46,11 @@ from ldm_lightning.sampling import (  # noqa: E402
     write_samples,
 )
 
+DDPM_V = ["model/process=ddpm", "model.prediction=v", "model.loss_weighting=min_snr"]
 VARIANTS = {
-    "ddpm_eps": ["model.prediction=eps", "model.loss_weighting=uniform"],
-    "ddpm_v": [],
-    "ddpm_v_zts": ["model.schedule.zero_terminal_snr=true"],
+    "ddpm_eps": ["model/process=ddpm", "model.prediction=eps", "model.loss_weighting=uniform"],
+    "ddpm_v": DDPM_V,
+    "ddpm_v_zts": [*DDPM_V, "model.schedule.zero_terminal_snr=true"],
     "flow": ["model/process=flow"],
     "edm": ["model/process=edm"],
 }
