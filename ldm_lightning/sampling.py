@@ -49,10 +49,11 @@ SAMPLING_KEYS = ("sampler", "steps", "eta", "timestep_spacing", "guidance_scale"
 
 
 def sampling_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`SAMPLING_KEYS` of an entry point's config, as ``sample`` arguments (plain
-    Python values: a list, not a ListConfig, for ``guidance_interval``)."""
-    options = {key: config[key] for key in SAMPLING_KEYS}
-    if options["guidance_interval"] is not None:
+    """The :data:`SAMPLING_KEYS` an entry point's config has, as ``sample`` arguments (plain
+    Python values: a list, not a ListConfig, for ``guidance_interval``); the comparison report
+    has no classifier guidance."""
+    options = {key: config[key] for key in SAMPLING_KEYS if key in config}
+    if options.get("guidance_interval") is not None:
         options["guidance_interval"] = [float(v) for v in options["guidance_interval"]]
     return options
 
