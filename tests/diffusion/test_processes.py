@@ -389,3 +389,33 @@ def test_zero_terminal_snr_refuses_karras_spacing():
 def test_bad_arguments_name_the_problem(call, message: str):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_ddpm_settings_given_to_another_process_are_named_as_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ldm_lightning.diffusion.processes import make_process
+
+    flow = {"_target_": "ldm_lightning.diffusion.processes.FlowProcess"}
+    with caplog.at_level("WARNING"):
+        assert isinstance(make_process(flow, prediction="v", loss_weighting="min_snr"), FlowProcess)
+    assert "model.prediction=v and model.loss_weighting=min_snr apply to the ddpm process only" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        make_process(flow)  # the defaults: nothing to say
+    assert caplog.text == ""
+    assert isinstance(make_process(None, {"kind": "linear", "timesteps": 10}), DDPMProcess)
+
+
+def test_sampling_without_a_chain_or_all_steps_of_a_continuous_process_says_what_to_give() -> None:
+    from ldm_lightning.diffusion import sample
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    with pytest.raises(ValueError, match="needs a schedule \\(DDPM\\) or a process"):
+        sample(model, (2, 3))
+    with pytest.raises(ValueError, match="steps=None \\(all timesteps\\) needs the DDPM process"):
+        sample(model, (2, 3), process=FlowProcess(), steps=None)

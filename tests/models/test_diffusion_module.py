@@ -79,6 +79,11 @@ def tiny_pixel_ddpm(**overrides) -> LatentDiffusionModule:
     return LatentDiffusionModule(**{**kwargs, **overrides})
 
 
+def test_negative_offset_noise_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"model.offset_noise must be >= 0 \(0: off\), got -0.1"):
+        tiny_pixel_ddpm(offset_noise=-0.1)
+
+
 def test_unet_channels_that_do_not_match_the_latents_fail_at_start(autoencoder_ckpt: Path) -> None:
     with pytest.raises(
         ValueError, match=r"latents with 3 channels, but model.unet has in_channels=4"
