@@ -312,6 +312,7 @@ class GenerativeMetrics:
     ``compute()`` returns ``{"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision",
     "recall", "num_generated", "num_real"}`` (the requested ones) as floats/ints. Precision and
     recall use the ``prc_neighborhood``-th nearest neighbour (k = 3 in Kynkäänniemi et al. 2019).
+    KID's random subsets are drawn with ``seed``, so the same features give the same KID.
     """
 
     def __init__(
@@ -324,6 +325,7 @@ class GenerativeMetrics:
         is_splits: int = 10,
         precision_recall: bool = False,
         prc_neighborhood: int = 3,
+        seed: int = 0,
     ) -> None:
         self.extractor = extractor
         self.num_real = real.shape[0]
@@ -331,6 +333,7 @@ class GenerativeMetrics:
         self.real = real if precision_recall else None
         self.generated: list[Tensor] = []
         self.prc_neighborhood = prc_neighborhood
+        self.seed = seed
         self.kid_subset_size = kid_subset_size
         self.is_splits = is_splits
         passthrough = _Precomputed(real.shape[1])
@@ -376,7 +379,9 @@ class GenerativeMetrics:
             # torchmetrics' KID draws subsets of subset_size from both sets; smaller sets than
             # that use the largest subset both can give.
             self.kid.subset_size = min(self.kid_subset_size, self.num_real, self.num_generated)
-            kid_mean, kid_std = self.kid.compute()
+            with torch.random.fork_rng(devices=[]):  # torchmetrics draws from the global RNG
+                torch.manual_seed(self.seed)
+                kid_mean, kid_std = self.kid.compute()
             results.update(kid_mean=float(kid_mean), kid_std=float(kid_std))
         if self.inception_score is not None:
             if self.num_generated < self.is_splits:

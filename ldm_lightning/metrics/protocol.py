@@ -120,7 +120,7 @@ class Protocol:
                                  batch_size, progress)
             metrics = GenerativeMetrics(
                 network, real, kid_subset_size=self.kid_subset_size, is_splits=self.is_splits,
-                prc_neighborhood=self.prc_neighborhood, **requested,
+                prc_neighborhood=self.prc_neighborhood, seed=self.seed, **requested,
             )
             # A network that takes any size (an offline stand-in) is fed the images as they are.
             resize = getattr(network, "resize", "none")

@@ -137,8 +137,9 @@ def test_dinov2_loads_from_the_hub_cache_and_sees_normalised_224px_images(tmp_pa
     )
 
 
-def write_tiny_clip_model(folder: Path) -> Path:
-    """A random 2-layer CLIP (text and 16 px vision towers) and its processor, saved."""
+def write_tiny_clip_model(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer CLIP (text and 16 px vision towers, weights drawn with ``seed``) and its
+    processor, saved."""
     write_tiny_clip(folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     text = transformers.CLIPTextConfig.from_pretrained(folder).to_dict()
@@ -146,7 +147,7 @@ def write_tiny_clip_model(folder: Path) -> Path:
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         image_size=16, patch_size=8,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=text, vision_config=vision.to_dict(), projection_dim=16,
     ))
