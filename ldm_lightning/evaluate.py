@@ -1,13 +1,16 @@
-"""Evaluate a checkpoint: ``python -m ldm_lightning.evaluate ckpt_path=... num_samples=10000``.
+"""Evaluate a checkpoint: ``python -m ldm_lightning.evaluate ckpt_path=...``.
 
-- Latent diffusion: draws ``num_samples`` images in batches (``sampler``, ``steps``,
+Under an evaluation protocol (``protocol.*``, :mod:`ldm_lightning.metrics.protocol`):
+
+- Latent diffusion: draws ``protocol.num_samples`` images in batches (``sampler``, ``steps``,
   ``guidance_scale``; conditions taken from the real images' labels/captions for conditional
-  models) and reports FID (KID, IS on request) against the real images of ``split``.
+  models) and reports FID (KID, IS, precision/recall, FD-DINOv2, CLIP score on request) against
+  the real images of ``protocol.split``.
 - Autoencoder: reconstructs the validation split and reports rFID, PSNR, SSIM, LPIPS and
-  codebook usage.
+  codebook usage (KID, IS, precision/recall, FD-DINOv2 on request).
 
-Real-image features are cached in ``stats_dir``. Prints a table and writes ``metrics.json``
-(atomically) and a sample grid in the run directory.
+Real-image features are cached in ``stats_dir``. Prints the protocol with a table and writes
+``metrics.json`` (atomically, the protocol included) and a sample grid in the run directory.
 """
 
 from __future__ import annotations
@@ -27,14 +30,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_lightning.diffusion import sampler_class
 from ldm_lightning.losses.perceptual import build_lpips
+from ldm_lightning.metrics.clip_score import ClipScore
 from ldm_lightning.metrics.evaluation import format_table, score_reconstructions, score_samples
-from ldm_lightning.metrics.fid import (
-    GenerativeMetrics,
-    build_feature_extractor,
-    extractor_identity,
-    real_features,
-    sample_size_warning,
-)
+from ldm_lightning.metrics.fid import sample_size_warning
+from ldm_lightning.metrics.protocol import Protocol, check_text_model
 from ldm_lightning.models import AutoencoderModule, LatentDiffusionModule
 from ldm_lightning.models.checkpoints import (
     build_stage,
@@ -53,7 +52,6 @@ MODULES: dict[str, type[pl.LightningModule]] = {
     "autoencoder": AutoencoderModule,
     "latent_diffusion": LatentDiffusionModule,
 }
-OPTIONAL_METRICS = ("fid", "kid", "is")
 # Which real images when split=null: train for samples (the published protocol), val for
 # reconstructions.
 DEFAULT_SPLIT = {"autoencoder": "val", "latent_diffusion": "train"}
@@ -116,7 +114,7 @@ def check_image_size(module: LatentDiffusionModule, datamodule: Any) -> None:
 
 
 def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path``; returns what ``metrics.json`` holds."""
+    """Evaluate ``cfg.ckpt_path`` under ``cfg.protocol``; returns what ``metrics.json`` holds."""
     checkpoint = read_checkpoint(cfg.ckpt_path, trust=cfg.trust_checkpoint)
     kind = checkpoint_kind(checkpoint)
     if kind not in MODULES:
@@ -124,15 +122,11 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             f"ckpt_path={cfg.ckpt_path} is a {kind} checkpoint; evaluate takes an autoencoder "
             "or latent diffusion checkpoint."
         )
-    unknown = set(cfg.metrics) - set(OPTIONAL_METRICS)
-    if unknown:
-        raise ValueError(
-            f"metrics={list(cfg.metrics)} has unknown {sorted(unknown)}; choose from "
-            f"{list(OPTIONAL_METRICS)}"
-        )
+    protocol = Protocol.from_config(cfg.protocol, cfg.batch_size, DEFAULT_SPLIT[kind])
     device = resolve_device(cfg.device)
     module = build_stage(MODULES[kind], checkpoint, kind, cfg.ckpt_path)
     del checkpoint
+    check_text_model(module, protocol.metrics)
     module.to(device)
     data_cfg, data_source = data_config(cfg, cfg.ckpt_path, cli_overrides)
     datamodule = hydra.utils.instantiate(data_cfg)
@@ -142,31 +136,26 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
         classifier = guidance_classifier(cfg, device)
         if classifier is not None:
             classifier.adopt_data(datamodule)  # it guides towards the labels of the data
-    extractor = build_feature_extractor(cfg.feature_extractor).to(device)
-    split = cfg.split or DEFAULT_SPLIT[kind]
-    real = real_features(
-        datamodule, split, extractor, cfg.stats_dir, cfg.num_real, cfg.batch_size, cfg.progress
+    clip_score = ClipScore(cfg.clip_model) if "clip_score" in protocol.metrics else None
+    metrics, extractors = protocol.build_metrics(
+        datamodule, cfg.feature_extractor, cfg.dinov2_extractor, cfg.stats_dir, device,
+        batch_size=cfg.batch_size, progress=cfg.progress,
     )
-    metrics = GenerativeMetrics(
-        extractor,
-        real,
-        kid="kid" in cfg.metrics,
-        inception_score="is" in cfg.metrics,
-        kid_subset_size=cfg.kid_subset_size,
-        is_splits=cfg.is_splits,
-    )
+    if clip_score is not None:
+        extractors["clip_score"] = {"network": clip_score.identity, "resize": clip_score.resize}
     out_dir = Path(cfg.paths.output_dir)
     if kind == "latent_diffusion":
         results, first = score_samples(
             module,
             datamodule,
             metrics,
-            split,
-            cfg.num_samples,
+            protocol.split,
+            protocol.num_samples,
             cfg.batch_size,
-            seed=cfg.seed,
+            seed=protocol.seed,
             progress=cfg.progress,
             keep=GRID_SIZE if cfg.save_grid else 0,
+            clip_score=clip_score,
             **sampling_options(cfg),
             classifier=classifier,
         )
@@ -179,22 +168,23 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             module,
             datamodule,
             metrics,
-            split,
+            protocol.split,
             cfg.batch_size,
-            limit=cfg.num_real,
+            limit=protocol.num_real,
             pixel_metrics=True,
             lpips=lpips,
             progress=cfg.progress,
         )
         num_samples = results["num_images"]
-    results = {"split": split, **results}
+    results = {"split": protocol.split, **results}
     warning = sample_size_warning(num_samples)
     report = {
         "ckpt_path": str(cfg.ckpt_path),
         "kind": kind,
         "dataset": datamodule.name,
         "data_config": data_source,
-        "feature_extractor": extractor_identity(extractor),
+        "protocol": protocol.record(extractors),
+        "feature_extractor": extractors["fid"]["network"],
         "num_samples": num_samples,
         "warning": warning,
         "metrics": results,
@@ -211,13 +201,16 @@ def evaluate(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict[str, An
             "guidance_interval": sampling_options(cfg)["guidance_interval"],
             "classifier_ckpt": cfg.classifier_ckpt,
             "classifier_scale": cfg.classifier_scale,
-            "seed": cfg.seed,
+            "seed": protocol.seed,
         }
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
     print(
         f"{kind} checkpoint {cfg.ckpt_path}: {num_samples} samples, {datamodule.name} "
-        f"{results['split']} split, features: {report['feature_extractor']}"
+        f"{results['split']} split, features: "
+        + ", ".join(f"{name} {part['network']} (resize {part['resize']})"
+                    for name, part in extractors.items())
     )
+    print(protocol.describe())
     print(format_table({k: v for k, v in results.items() if k != "split"}))
     if warning:
         log.warning(warning)

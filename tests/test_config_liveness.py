@@ -65,6 +65,7 @@ from tests.checkpoint_utils import foreign_copy, perturbed_copy, stage_only, wri
 from tests.clip_utils import write_tiny_clip
 from tests.hydra_utils import TINY_AUTOENCODER, compose_config
 from tests.losses.test_perceptual import no_network  # noqa: F401 - a fixture
+from tests.metrics.test_protocol_metrics import write_tiny_clip_model
 from tests.models.test_conditioning import CAPTIONS, TEXT, conditioning_config, tiny_ldm
 from tests.models.test_diffusion_module import TINY_LDM
 from tests.models.test_parts import TinyBackbone
@@ -223,13 +224,26 @@ SAMPLE: dict[str, Entry] = {
 CLASS_EVAL = {"ckpt_path": "<class_ldm>", "data.image_size": 8}  # no run config: cfg.data
 # An autoencoder copy without a run config, so on cfg.data: LPIPS alex and squeeze need 32 px.
 AE_EVAL = {"ckpt_path": "<ae_perturbed>", "data.image_size": 32, "lpips.pretrained_backbone": False}
+# FD-DINOv2 with an 8 px stand-in network, which the protocol's filter resizes for.
+DINO_EVAL = {"protocol.metrics": ["fid", "fd_dinov2"],
+             "dinov2_extractor": "tests.test_evaluate_protocol.TinyDino"}
+CLIP_EVAL = {"ckpt_path": "<text_ldm>", "data.image_size": 8, "protocol.metrics": ["clip_score"]}
 EVALUATE: dict[str, Entry] = {
     "task_name": Live("run_dir", "another_task"),
     "ckpt_path": Live("report", "<ldm_perturbed>"),
     "trust_checkpoint": refused_unless_trusted("report", {"ckpt_path": "<ldm_foreign>"}),
-    "seed": Live("report", 1),
     "device": Live("devices", "meta"),
-    "num_samples": Live("report", 2),
+    "protocol.num_samples": Live("report", 2),
+    "protocol.split": Live("report", "val"),
+    "protocol.num_real": Live("report", 8),
+    "protocol.seed": Live("report", 1),
+    "protocol.resize": Live("report", "tf1_bilinear", context=DINO_EVAL),
+    "protocol.metrics": Live("report", ["fid", "kid"]),
+    "protocol.kid_subset_size": Live("report", 3, context={"protocol.metrics": ["fid", "kid"]}),
+    "protocol.is_splits": Live("report", 2, base=4, context={"protocol.metrics": ["fid", "is"]}),
+    "protocol.prc_neighborhood": Live(
+        "report", 1, context={"protocol.metrics": ["fid", "precision_recall"]}
+    ),
     "batch_size": Live("report", 2),
     "sampler": Live("report", "ddpm"),
     "steps": Live("report", 2),
@@ -242,12 +256,11 @@ EVALUATE: dict[str, Entry] = {
     "classifier_ckpt": Live("report", "<classifier_other>", base="<classifier>",
                             context={"classifier_scale": 20.0}),
     "classifier_scale": Live("report", 20.0, context={"classifier_ckpt": "<classifier>"}),
-    "split": Live("report", "val"),
-    "num_real": Live("report", 8),
-    "metrics": Live("report", ["fid", "kid"]),
-    "kid_subset_size": Live("report", 3, context={"metrics": ["fid", "kid"]}),
-    "is_splits": Live("report", 2, base=4, context={"metrics": ["fid", "is"]}),
     "feature_extractor": Live("report", "tests.metrics.test_fid.CountingFeatures"),
+    "dinov2_extractor": Live("report", "tests.metrics.test_fid.CountingFeatures",
+                             context=DINO_EVAL),
+    "clip_model": Live("report", "<tiny_clip_model_other>", base="<tiny_clip_model>",
+                       context=CLIP_EVAL),
     "stats_dir": Live("report", "<run>/other_stats"),
     "lpips.net": Live("report", "alex", base="squeeze", context=AE_EVAL),
     # Offline, true can only be seen trying to load the ImageNet backbone.
@@ -665,7 +678,8 @@ TINY = {
     ],
     "sample": ["num_samples=3", "batch_size=2"],
     "evaluate": [
-        f"feature_extractor={EXTRACTOR}", "progress=false", "num_samples=4", "batch_size=3",
+        f"feature_extractor={EXTRACTOR}", "progress=false", "protocol.num_samples=4",
+        "batch_size=3",
         *TINY_DATA,
     ],
     "compare_report": [f"feature_extractor={EXTRACTOR}", "progress=false", "per_class=1",
@@ -943,7 +957,7 @@ def devices_moved_to(call: Callable[[], Any]) -> list[str]:
 
 
 # What metrics.json repeats from the config rather than measures.
-ECHOED = ("ckpt_path", "data_config", "feature_extractor", "sampling")
+ECHOED = ("ckpt_path", "data_config", "feature_extractor", "sampling", "protocol")
 
 
 def report(cfg: DictConfig, run: Path) -> dict[str, Any]:
@@ -1108,6 +1122,8 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
         "<clip_foreign>": foreign_copy(clip_ckpt, root / "clip_foreign.ckpt"),
         "<tiny_clip>": write_tiny_clip(root / "tiny_clip"),
         "<tiny_clip_other>": perturbed_clip(root / "tiny_clip", root / "tiny_clip_other"),
+        "<tiny_clip_model>": write_tiny_clip_model(root / "tiny_clip_model"),
+        "<tiny_clip_model_other>": write_tiny_clip_model(root / "tiny_clip_model_other", seed=1),
         "<classifier>": classifier_ckpt,
         "<classifier_other>": perturbed_copy(classifier_ckpt, root / "classifier_other.ckpt"),
         "<compare_runs>": runs,

@@ -78,8 +78,8 @@ def eval_config(tmp_path: Path, ckpt: Path, *overrides: str):
 
 
 def test_ldm_fid_equals_the_scipy_fid_of_the_same_samples(checkpoints, tmp_path) -> None:
-    cfg = eval_config(tmp_path, checkpoints["ldm"], "num_samples=20", "batch_size=8",
-                      "metrics=[fid,kid]", "kid_subset_size=8")
+    cfg = eval_config(tmp_path, checkpoints["ldm"], "protocol.num_samples=20", "batch_size=8",
+                      "protocol.metrics=[fid,kid]", "protocol.kid_subset_size=8")
     report = evaluate(cfg)
     assert json.loads((tmp_path / "metrics.json").read_text()) == report
     assert (tmp_path / "samples.png").is_file()
@@ -102,7 +102,8 @@ def test_ldm_fid_equals_the_scipy_fid_of_the_same_samples(checkpoints, tmp_path)
 
 def test_the_report_names_a_sampler_given_as_a_target_dict(checkpoints, tmp_path) -> None:
     ddpm = "ldm_lightning.diffusion.samplers.DDPMSampler"
-    cfg = eval_config(tmp_path, checkpoints["ldm"], "num_samples=2", "batch_size=2", "steps=2",
+    cfg = eval_config(tmp_path, checkpoints["ldm"], "protocol.num_samples=2", "batch_size=2",
+                      "steps=2",
                       f"sampler={{_target_:{ddpm},variance:fixed_large}}")
     sampling = evaluate(cfg)["sampling"]
     assert sampling["sampler"] == "ddpm"
@@ -131,7 +132,8 @@ def test_hydra_entry_point_writes_metrics_json(checkpoints, tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "ldm_lightning.evaluate", f"ckpt_path={checkpoints['ldm']}",
-        f"feature_extractor={EXTRACTOR}", "num_samples=12", "batch_size=6", "progress=false",
+        f"feature_extractor={EXTRACTOR}", "protocol.num_samples=12", "batch_size=6",
+        "progress=false",
         f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}",
         "data.num_train=12",  # applied on top of the run's data config
     ]
@@ -164,7 +166,7 @@ def test_data_overrides_follow_hydras_grammar(checkpoints, tmp_path) -> None:
 
 
 def test_resolution_must_match_the_checkpoint(checkpoints, tmp_path) -> None:
-    cfg = eval_config(tmp_path, checkpoints["ldm"], "num_samples=4")
+    cfg = eval_config(tmp_path, checkpoints["ldm"], "protocol.num_samples=4")
     with pytest.raises(ValueError, match="trained on 16 px images, but data.image_size=32"):
         evaluate(cfg, ["data=shapes"])
 
@@ -180,7 +182,7 @@ def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path) -> None:
 
 def test_unknown_metric_is_an_error(checkpoints, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"unknown \['fd'\]"):
-        evaluate(eval_config(tmp_path, checkpoints["ldm"], "metrics=[fd]"))
+        evaluate(eval_config(tmp_path, checkpoints["ldm"], "protocol.metrics=[fd]"))
 
 
 def test_format_table_aligns_names_and_values() -> None:

@@ -29,7 +29,8 @@ def pipeline(tmp_path: Path, *extra: str, experiment: str = "shapes_ldm_class") 
         f"paths.data_dir={tmp_path / 'data'}", "test=false",
         "pipeline.first_stage=shapes_vq", f"pipeline.first_stage_overrides={FIRST_STAGE}",
         "pipeline.sample.per_class=1", "+pipeline.sample.steps=2",
-        f"+pipeline.evaluate.feature_extractor={EXTRACTOR}", "pipeline.evaluate.num_samples=8",
+        f"+pipeline.evaluate.feature_extractor={EXTRACTOR}",
+        "pipeline.evaluate.protocol.num_samples=8",
         "+pipeline.evaluate.batch_size=4", "+pipeline.evaluate.progress=false", *extra,
     ]
     with initialize_config_module(config_module="conf", version_base="1.3"):

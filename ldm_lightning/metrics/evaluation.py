@@ -4,7 +4,9 @@ A latent diffusion model is scored on its samples (:func:`score_samples`, drawn 
 :mod:`ldm_lightning.sampling` with the conditions of the real data), an autoencoder on its
 reconstructions of real images (:func:`score_reconstructions`: rFID, and with
 ``pixel_metrics`` PSNR, SSIM, LPIPS and codebook usage). Both feed a
-:class:`~ldm_lightning.metrics.fid.GenerativeMetrics` whose real features are already set.
+:class:`~ldm_lightning.metrics.fid.GenerativeMetrics` (or a
+:class:`~ldm_lightning.metrics.protocol.MetricSuite`) whose real features are already set; samples
+of a text model also a :class:`~ldm_lightning.metrics.clip_score.ClipScore`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ldm_lightning.metrics.clip_score import ClipScore
 from ldm_lightning.metrics.fid import GenerativeMetrics
+from ldm_lightning.metrics.protocol import MetricSuite
 from ldm_lightning.metrics.reconstruction import ReconstructionMetrics
 from ldm_lightning.sampling import conditions_from_data, generate
 
@@ -29,33 +33,42 @@ __all__ = ["format_table", "reconstructions", "score_reconstructions", "score_sa
 def score_samples(
     module: pl.LightningModule,
     datamodule: Any,
-    metrics: GenerativeMetrics,
+    metrics: GenerativeMetrics | MetricSuite,
     split: str,
     num_samples: int,
     batch_size: int,
     seed: int = 0,
     progress: bool = False,
     keep: int = 0,
+    clip_score: ClipScore | None = None,
     **sampling: Any,
 ) -> tuple[dict[str, Any], Tensor | None]:
     """``metrics.compute()`` over ``num_samples`` samples, and the first ``keep`` of them.
 
     Batch ``b`` has seed ``seed + b`` and the labels/captions of the real images of ``split``
     (the labels also for the ``classifier`` of classifier guidance, when ``sampling`` holds
-    one); ``sampling``: :meth:`LatentDiffusionModule.sample` arguments. The kept images
-    (``[keep, 3, H, W]`` on the CPU, for a grid) are None when ``keep`` is 0.
+    one); ``sampling``: :meth:`LatentDiffusionModule.sample` arguments. A ``clip_score`` scores
+    each sample against the prompt it was drawn with. The kept images (``[keep, 3, H, W]`` on
+    the CPU, for a grid) are None when ``keep`` is 0.
     """
     classifier = sampling.get("classifier") is not None
     conditions = conditions_from_data(module, datamodule, split, batch_size, labels=classifier)
+    given: list[dict[str, Any]] = []  # each batch's conditions, as generate drew them
+    recorded = (given.append(condition) or condition for condition in conditions)
     samples = generate(
-        module, num_samples, batch_size, conditions, seed=seed, progress=progress, **sampling
+        module, num_samples, batch_size, recorded, seed=seed, progress=progress, **sampling
     )
     kept: list[Tensor] = []
     for images in samples:
         metrics.update(images)
+        if clip_score is not None:
+            clip_score.update(images, given[-1]["prompts"][: len(images)])
         if sum(map(len, kept)) < keep:
             kept.append(images.cpu())
-    return metrics.compute(), torch.cat(kept)[:keep] if kept else None
+    results = metrics.compute()
+    if clip_score is not None:
+        results.update(clip_score.compute())
+    return results, torch.cat(kept)[:keep] if kept else None
 
 
 @torch.no_grad()
@@ -84,7 +97,7 @@ def reconstructions(
 def score_reconstructions(
     module: pl.LightningModule,
     datamodule: Any,
-    metrics: GenerativeMetrics,
+    metrics: GenerativeMetrics | MetricSuite,
     split: str,
     batch_size: int,
     limit: int | None = None,

@@ -1,15 +1,17 @@
-"""FID, KID and Inception Score of generated images against cached real-image features.
+"""FID, KID, IS and precision/recall of generated images against cached real-image features.
 
 FID (Heusel et al. 2017, eq. 6) fits Gaussians to feature vectors of real and generated images:
 ``FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})``. KID (Binkowski et al. 2018) is
 the unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets. IS (Salimans
-et al. 2016) is ``exp E_x KL(p(y|x) || p(y))`` over class logits.
+et al. 2016) is ``exp E_x KL(p(y|x) || p(y))`` over class logits. Precision and recall:
+:mod:`ldm_lightning.metrics.precision_recall`.
 
 Features are extracted once per image by one network (the default: Inception-v3 with the
 TensorFlow FID weights from torch-fidelity, which torchmetrics uses by default and the LDM
-paper's numbers were computed with); the three metrics are torchmetrics' own, fed those
-features. Real-image features are cached on disk, keyed on the dataset, its pixel settings,
-the split, the number of images and the extractor's weights, and written atomically.
+paper's numbers were computed with); FID, KID and IS are torchmetrics' own, precision and
+recall torch-fidelity's, fed those features. Real-image features are cached on disk, keyed on
+the dataset, its pixel settings, the split, the number of images and the extractor's weights,
+and written atomically.
 
 Extractor contract: ``extractor(images [B, 3, H, W] float in [0, 1])`` returns
 ``features [B, D]`` or ``(features [B, D], logits [B, K])``; IS uses the logits when given,
@@ -39,6 +41,9 @@ from torchmetrics.image import (
 )
 from tqdm import tqdm
 
+from ldm_lightning.metrics.dinov2 import DinoV2Features
+from ldm_lightning.metrics.precision_recall import precision_recall
+from ldm_lightning.metrics.resize import Resized
 from ldm_lightning.utils.atomic import atomic_torch_save
 from ldm_lightning.utils.hashing import state_dict_sha256, text_sha256
 
@@ -71,6 +76,7 @@ class InceptionFeatures(nn.Module):
     """
 
     num_features = 2048
+    resize = "tf1_bilinear"  # torch-fidelity's, inside the network: the LDM paper's FIDs
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,33 +104,44 @@ class InceptionFeatures(nn.Module):
         return features, logits
 
 
-def build_feature_extractor(spec: str | Mapping[str, Any] | nn.Module) -> nn.Module:
-    """``"inception"``, the dotted path of an ``nn.Module`` class, a ``_target_`` dict or a module.
+def build_feature_extractor(
+    spec: str | Mapping[str, Any] | nn.Module, resize: str = "bicubic"
+) -> nn.Module:
+    """``"inception"``, ``"dinov2"``, the dotted path of an ``nn.Module`` class, a ``_target_``
+    dict or a module.
 
-    The result is frozen and in eval mode.
+    A module that declares an ``input_size`` (DINOv2, 224) is fed images resized to it with the
+    ``resize`` filter (:class:`~ldm_lightning.metrics.resize.Resized`). The result is frozen and
+    in eval mode.
     """
     if isinstance(spec, nn.Module):
         module = spec
     elif spec == "inception":
         module = InceptionFeatures()
+    elif spec == "dinov2":
+        module = DinoV2Features()
     elif isinstance(spec, Mapping) and "_target_" in spec:
         module = hydra.utils.instantiate(spec)
     elif isinstance(spec, str) and "." in spec:
         module = hydra.utils.get_class(spec)()
     else:
         raise ValueError(
-            f"feature_extractor={spec!r} is not understood; use 'inception' or the _target_ of "
-            "an nn.Module that maps images [B, 3, H, W] in [0, 1] to features [B, D]."
+            f"feature extractor {spec!r} is not understood; use 'inception', 'dinov2' or the "
+            "_target_ of an nn.Module that maps images [B, 3, H, W] in [0, 1] to features [B, D]."
         )
     if not isinstance(module, nn.Module):
         raise ValueError(
-            f"feature_extractor={spec!r} built a {type(module).__name__}, not a Module"
+            f"feature extractor {spec!r} built a {type(module).__name__}, not a Module"
         )
+    if getattr(module, "input_size", None) is not None and not isinstance(module, Resized):
+        module = Resized(module, resize)
     return module.eval().requires_grad_(False)
 
 
 def extractor_identity(extractor: nn.Module) -> str:
-    """A string that changes whenever the extractor's class or weights change."""
+    """A string that changes whenever the extractor's class, weights or resize filter change."""
+    if isinstance(extractor, Resized):
+        return f"{extractor_identity(extractor.net)}@{extractor.input_size}px-{extractor.resize}"
     identity = getattr(extractor, "identity", None)
     if identity:
         return str(identity)
@@ -288,11 +305,14 @@ class _Precomputed(nn.Module):
 
 
 class GenerativeMetrics:
-    """FID (always), KID and IS (on request) of generated images against real features.
+    """FID (always), KID, IS and precision/recall (on request) of generated images against
+    real features.
 
     ``update(images)`` extracts features of generated images ``[B, 3, H, W]`` in [-1, 1];
-    ``compute()`` returns ``{"fid", "kid_mean", "kid_std", "is_mean", "is_std",
-    "num_generated", "num_real"}`` (the requested ones) as floats/ints.
+    ``compute()`` returns ``{"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision",
+    "recall", "num_generated", "num_real"}`` (the requested ones) as floats/ints. Precision and
+    recall use the ``prc_neighborhood``-th nearest neighbour (k = 3 in Kynkäänniemi et al. 2019).
+    KID's random subsets are drawn with ``seed``, so the same features give the same KID.
     """
 
     def __init__(
@@ -303,9 +323,17 @@ class GenerativeMetrics:
         inception_score: bool = False,
         kid_subset_size: int = 1000,
         is_splits: int = 10,
+        precision_recall: bool = False,
+        prc_neighborhood: int = 3,
+        seed: int = 0,
     ) -> None:
         self.extractor = extractor
         self.num_real = real.shape[0]
+        # k-NN radii need every feature, not only the Gaussian statistics.
+        self.real = real if precision_recall else None
+        self.generated: list[Tensor] = []
+        self.prc_neighborhood = prc_neighborhood
+        self.seed = seed
         self.kid_subset_size = kid_subset_size
         self.is_splits = is_splits
         passthrough = _Precomputed(real.shape[1])
@@ -339,6 +367,8 @@ class GenerativeMetrics:
             self.kid.update(features, real=False)
         if self.inception_score is not None:
             self.inception_score.update(logits)
+        if self.real is not None:
+            self.generated.append(features)
         self.num_generated += images.shape[0]
 
     def compute(self) -> dict[str, float | int]:
@@ -349,7 +379,9 @@ class GenerativeMetrics:
             # torchmetrics' KID draws subsets of subset_size from both sets; smaller sets than
             # that use the largest subset both can give.
             self.kid.subset_size = min(self.kid_subset_size, self.num_real, self.num_generated)
-            kid_mean, kid_std = self.kid.compute()
+            with torch.random.fork_rng(devices=[]):  # torchmetrics draws from the global RNG
+                torch.manual_seed(self.seed)
+                kid_mean, kid_std = self.kid.compute()
             results.update(kid_mean=float(kid_mean), kid_std=float(kid_std))
         if self.inception_score is not None:
             if self.num_generated < self.is_splits:
@@ -359,5 +391,8 @@ class GenerativeMetrics:
                 )
             is_mean, is_std = self.inception_score.compute()
             results.update(is_mean=float(is_mean), is_std=float(is_std))
+        if self.real is not None:
+            generated = torch.cat(self.generated)
+            results.update(precision_recall(generated, self.real, self.prc_neighborhood))
         results.update(num_generated=self.num_generated, num_real=self.num_real)
         return results

@@ -197,7 +197,7 @@ def test_feature_extractor_specs() -> None:
     built = build_feature_extractor({"_target_": "torch.nn.Linear", "in_features": 2,
                                      "out_features": 3})
     assert isinstance(built, nn.Linear) and not built.weight.requires_grad
-    with pytest.raises(ValueError, match="'inception' or the _target_"):
+    with pytest.raises(ValueError, match="'inception', 'dinov2' or the _target_"):
         build_feature_extractor("resnet")
     with pytest.raises(ValueError, match="it must return"):
         extract(nn.Identity(), images(2, 0))
