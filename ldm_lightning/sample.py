@@ -4,6 +4,8 @@ Writes ``grid.png`` and ``samples/<index>.png`` into the run directory; with ``p
 N samples of every class (of a class-conditional model, or of the ``classifier_ckpt`` that guides
 it) in ``samples/<class name>/<index>.png`` and one grid row per class.
 Batch ``b`` uses seed ``seed + b``, so the same command gives the same images, on any device.
+``image_size=<px>`` samples another canvas than the training size (LDM sec. 4.3.2);
+``init_image=<png> strength=<0..1>`` edits an image (SDEdit, Meng et al. 2022).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ldm_lightning.sampling import (
     batch_conditions,
     generate,
     guidance_classifier,
+    load_init_image,
     per_class_labels,
     sampling_options,
     write_samples,
@@ -47,6 +50,10 @@ def run(cfg: DictConfig) -> Path:
         labels, folders = per_class_labels(model, cfg.per_class, labels, classifier)
         num_samples = len(labels)
     conditions = batch_conditions(num_samples, cfg.batch_size, labels, optional(cfg.prompts))
+    edit = {}
+    if cfg.init_image is not None:
+        size = cfg.image_size or model.hparams.image_size
+        edit = {"init_images": load_init_image(cfg.init_image, size), "strength": cfg.strength}
     batches = generate(
         model,
         num_samples,
@@ -58,6 +65,8 @@ def run(cfg: DictConfig) -> Path:
         negative_prompts=optional(cfg.negative_prompts),
         unconditional=cfg.unconditional,
         classifier=classifier,
+        image_size=cfg.image_size,
+        **edit,
     )
     images = torch.cat([batch.cpu() for batch in batches])
     nrow = cfg.grid_nrow or (cfg.per_class if cfg.per_class else None)

@@ -11,6 +11,7 @@ all draw their images here:
 - :func:`write_samples`: ``grid.png`` and one PNG per sample.
 - :func:`guidance_classifier`: the noisy classifier of ``classifier_ckpt`` for classifier
   guidance, loaded as every stage is.
+- :func:`load_init_image`: the image image-to-image starts from, at the model's size.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ldm_lightning.data.image_io import image_problem, load_rgb
+from ldm_lightning.data.transforms import ResizeCrop
 from ldm_lightning.models.checkpoints import load_stage
 from ldm_lightning.models.noisy_classifier import NoisyClassifierModule
 from ldm_lightning.utils.cycling import cycle_to
@@ -37,6 +40,7 @@ __all__ = [
     "folder_name",
     "generate",
     "guidance_classifier",
+    "load_init_image",
     "per_class_labels",
     "sampling_options",
     "write_samples",
@@ -70,6 +74,17 @@ def guidance_classifier(
         config_key="classifier_ckpt", trust=config["trust_checkpoint"],
     )
     return classifier.to(device)
+
+
+def load_init_image(path: str | Path, size: int) -> torch.Tensor:
+    """The image file ``path`` as ``[1, 3, size, size]`` in [-1, 1], as training images are
+    read (:func:`~ldm_lightning.data.image_io.load_rgb`: RGB, EXIF orientation; shorter side
+    resized to ``size``, centre crop: :class:`~ldm_lightning.data.transforms.ResizeCrop`)."""
+    problem = image_problem(path)
+    if problem is not None:
+        raise ValueError(f"init_image={path} cannot be read as an image ({problem}); give the "
+                         "path of a PNG or JPEG file")
+    return ResizeCrop(size)(load_rgb(path))[None]
 
 
 def batch_conditions(

@@ -72,6 +72,7 @@ from tests.models.test_parts import TinyBackbone
 from tests.nn.test_unet import _randomise as randomise_zero_parameters
 from tests.test_conditioning_train import TINY_CLIP
 from tests.test_evaluate import EXTRACTOR, TINY_DATA, checkpoints  # noqa: F401 - a fixture
+from tests.test_sampling import wide_png
 
 CONF = Path(__file__).parents[1] / "conf"
 CONDITIONING = "model/conditioning"  # a group of model/ldm; each option is a config here
@@ -178,6 +179,7 @@ FLOW = {"process": process_yaml("flow")}
 EDM = {"process": process_yaml("edm")}
 # A tiny DiT-S: model/backbone=dit_s with small sizes.
 DIT = {"unet": {**backbone_yaml("dit_s"), "hidden_size": 16, "depth": 2, "num_heads": 2}}
+LEARNED_DIT = {"unet": {**DIT["unet"], "pos_embed": "learned"}}
 CLASS_SAMPLES = {"ckpt_path": "<class_ldm>", "labels": [0, 5]}
 TEXT_SAMPLES = {"ckpt_path": "<text_ldm>", "prompts": ["a red circle on a gray background"]}
 CLASSIFIER_SAMPLES = {"classifier_scale": 20.0, "labels": [0, 5]}
@@ -212,6 +214,9 @@ SAMPLE: dict[str, Entry] = {
         "samples", False, base=True, context={"ckpt_path": "<class_ldm>"},
         raises="or unconditional=True",
     ),
+    "image_size": Live("samples", 32),  # <ldm>: 16 px, f 2, UNet downsampling 2
+    "init_image": Live("samples", "<init_png>"),
+    "strength": Live("samples", 0.3, context={"init_image": "<init_png>"}),
     "seed": Live("samples", 1),
     "device": Live("devices", "meta"),
     "grid_nrow": Live("samples", 3),  # null: int(sqrt(3)) = 1 per row
@@ -381,8 +386,9 @@ LDM: dict[str, Entry] = {
     "unet.dropout": Live("loss", 0.5),
     "unet.use_checkpoint": Live("recompute", True),
     # The keys of the DiT options of model/backbone (dit_s, dit_b, ...) beside the UNet's.
-    # null follows the latent size (16 here), the only size the DiT's inputs have.
-    "unet.input_size": Live("sample", 8, context=DIT, raises="built for input_size 8"),
+    # null follows the latent size (16 here); a DiT built for 8 takes 16 too, with sin-cos
+    # positions recomputed (the same samples) or a learned table resized from its 4x4 grid.
+    "unet.input_size": Live("structure", 8, context=LEARNED_DIT),
     "unet.patch_size": Live("structure", 4, context=DIT),
     "unet.hidden_size": Live("structure", 32, context=DIT),
     "unet.depth": Live("structure", 1, context=DIT),
@@ -1127,6 +1133,7 @@ def stage_files(checkpoints, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
         "<classifier>": classifier_ckpt,
         "<classifier_other>": perturbed_copy(classifier_ckpt, root / "classifier_other.ckpt"),
         "<compare_runs>": runs,
+        "<init_png>": wide_png(root / "init.png")[0],
         "<compare_uncond>": compare_run(checkpoints["ldm"], root / "compare_uncond", 16, "u"),
         "<compare_foreign>": compare_run(class_ckpt, root / "compare_foreign", 8, "f",
                                          foreign=True),

@@ -27,6 +27,7 @@ from ldm_lightning.diffusion import (
     sample,
 )
 from ldm_lightning.diffusion.processes import make_process
+from ldm_lightning.models.canvas import Canvas, latent_size
 from ldm_lightning.models.checkpoints import SafeLoading
 from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.latent_space import LatentSpace
@@ -47,7 +48,7 @@ BACKBONE_HINT = (
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "base_lr": 1e-4, "betas": (0.9, 0.999)}
 
 
-class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
+class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
@@ -150,22 +151,13 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
                 f"in_channels={unet['in_channels']}, out_channels={unet['out_channels']}; set both "
                 f"to {channels} (or null to follow the first stage)."
             )
-        factor = self.first_stage.factor
-        if image_size % factor:
-            raise ValueError(
-                f"data.image_size={image_size} is not divisible by the first stage's "
-                f"factor f={factor}"
-            )
-        self.latent_size = image_size // factor
+        self.backbone_multiple = input_multiple(backbone, unet)
+        self.latent_size = latent_size(
+            image_size, self.first_stage.factor, self.backbone_multiple, "data.image_size"
+        )
         takes_size = "input_size" in inspect.signature(backbone).parameters
         if takes_size and unet.get("input_size") is None:  # missing or null: the latent size
             unet["input_size"] = self.latent_size
-        multiple, reason = input_multiple(backbone, unet)
-        if self.latent_size % multiple:
-            raise ValueError(
-                f"latents are {self.latent_size}x{self.latent_size} (image_size {image_size} / f "
-                f"{factor}), not divisible by {reason}."
-            )
         self.unet = backbone(**unet)
 
     # ------------------------------------------------------------------ data
@@ -295,6 +287,9 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
         guidance_interval: list[float] | None = None,
         classifier: NoisyClassifierModule | None = None,
         classifier_scale: float = 0.0,
+        image_size: int | None = None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
@@ -313,7 +308,10 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
         latent-space predictions of x0 at every step (scaled latents ``[n, C, h, w]``).
         ``sampler`` (a name or a ``_target_`` dict, see :meth:`sampling_settings`), ``steps``,
         ``eta`` and ``timestep_spacing`` left None take the values of ``model.sampling`` saved
-        with the checkpoint.
+        with the checkpoint. ``image_size``: samples of that size (None: the training size;
+        :mod:`~ldm_lightning.models.canvas`). ``init_images`` ``[1 or n, 3, H, W]``: edit them by
+        SDEdit at ``strength`` (0: their reconstruction, 1: sampling from noise;
+        :mod:`~ldm_lightning.diffusion.img2img`).
         """
         self.latent_norm.check_fitted()
         settings = self.sampling_settings(sampler, steps, eta, timestep_spacing)
@@ -341,7 +339,9 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
             interval=guidance_interval,
             sigma_of_time=self.process.sigma_hat_of_time,
         )
-        shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
+        size = self.canvas(image_size)
+        shape = (n, self.first_stage.latent_channels, size, size)
+        x_init = None if init_images is None else self.init_latents(init_images, shape)
         result = sample(
             model_fn,
             shape,
@@ -355,6 +355,8 @@ class LatentDiffusionModule(SafeLoading, LatentSpace, pl.LightningModule):
             timestep_spacing=settings["timestep_spacing"],
             process=self.process,
             guide=guide if classifier_scale else None,
+            x_init=x_init,
+            strength=strength,
         )
         z, trajectory = result if return_trajectory else (result, None)
         images = self.decode(z)

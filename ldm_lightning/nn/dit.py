@@ -16,6 +16,7 @@ the initialisation. The model satisfies :mod:`ldm_lightning.nn.backbone`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -226,7 +227,8 @@ class DiT(nn.Module):
     Args:
         in_channels, out_channels: channels of ``x_t`` and of the prediction (the latent's).
         input_size: the height and width ``I`` of the inputs (the latent size); a multiple of
-            ``patch_size``.
+            ``patch_size``. Other multiples are taken too, with the position embedding of
+            :meth:`positions` (sampling a larger canvas).
         patch_size: ``p`` in 1, 2, 4, 8: smaller patches, more tokens, more compute and lower
             FID (sec. 5, "Scaling model size and patch size"); DiT-XL/2 is ``p = 2``.
         hidden_size, depth, num_heads: width ``D``, number of blocks, attention heads (Table 1:
@@ -337,21 +339,21 @@ class DiT(nn.Module):
         context: Tensor | None = None,
         class_labels: Tensor | None = None,
     ) -> Tensor:
-        """Predict from ``x`` [B, in_channels, input_size, input_size] at ``timesteps`` [B]
-        (long or float); ``context`` [B, L, context_dim] iff built with ``context_dim``,
-        ``class_labels`` [B] long iff built with ``num_classes``. Returns
-        [B, out_channels, input_size, input_size]."""
+        """Predict from ``x`` [B, in_channels, I, I] at ``timesteps`` [B] (long or float);
+        ``context`` [B, L, context_dim] iff built with ``context_dim``, ``class_labels`` [B] long
+        iff built with ``num_classes``. Returns [B, out_channels, I, I]. ``I`` is ``input_size``
+        or another multiple of ``patch_size`` (:meth:`positions`)."""
         timesteps = check_inputs(
             "DiT", x, timesteps, context, class_labels, in_channels=self.in_channels,
             context_dim=self.context_dim, num_classes=self.num_classes,
         )
-        if x.shape[-2:] != (self.input_size, self.input_size):
+        height, width = x.shape[-2:]
+        if height != width or height % self.patch_size:
             raise ValueError(
-                f"input is {x.shape[-2]}x{x.shape[-1]}, but this DiT was built for "
-                f"input_size {self.input_size} (a {self.grid_size}x{self.grid_size} grid of "
-                f"{self.patch_size}x{self.patch_size} patches)"
+                f"input is {height}x{width}; this DiT takes square inputs whose side is a "
+                f"multiple of its patch_size {self.patch_size} (built for {self.input_size})"
             )
-        tokens = self.x_embedder(x) + self.pos_embed
+        tokens = self.x_embedder(x) + self.positions(height // self.patch_size)
         c = self.t_embedder(timesteps)
         if class_labels is not None:
             c = c + self.y_embedder(class_labels)
@@ -359,9 +361,27 @@ class DiT(nn.Module):
             tokens = block(tokens, c, context)
         return self.unpatchify(self.final_layer(tokens, c))
 
+    def positions(self, grid: int) -> Tensor:
+        """The position embedding [1, grid^2, D] of a ``grid x grid`` token grid: ``pos_embed``
+        on the grid the DiT was built for. On another (sampling beyond the training resolution,
+        LDM sec. 4.3.2): sin-cos recomputed for it (:func:`sincos_2d`: positions 0..grid-1 at the
+        trained spacing, exactly what a DiT built at that size holds, so the canvas extends as a
+        convolutional UNet's does); a learned embedding resized bicubically (ViT, Dosovitskiy et
+        al. 2021, sec. 3.2 "Fine-tuning and higher resolution", as timm's
+        ``resample_abs_pos_embed``): the trained grid stretched over the new one."""
+        if grid == self.grid_size:
+            return self.pos_embed
+        width = self.pos_embed.shape[-1]
+        if isinstance(self.pos_embed, nn.Parameter):
+            table = self.pos_embed.reshape(1, self.grid_size, self.grid_size, width)
+            resized = F.interpolate(table.permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic",
+                                    align_corners=False, antialias=grid < self.grid_size)
+            return resized.permute(0, 2, 3, 1).reshape(1, grid * grid, width)
+        return sincos_2d(width, grid)[None].to(self.pos_embed)
+
     def unpatchify(self, tokens: Tensor) -> Tensor:
         """[B, T, p * p * C] (row-major tokens, each patch ``(p_row, p_col, C)``) ->
-        [B, C, I, I]."""
-        b, p, g = tokens.shape[0], self.patch_size, self.grid_size
+        [B, C, I, I], I = p sqrt(T)."""
+        b, p, g = tokens.shape[0], self.patch_size, math.isqrt(tokens.shape[1])
         patches = tokens.reshape(b, g, g, p, p, self.out_channels)
         return patches.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, g * p, g * p)

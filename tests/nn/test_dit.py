@@ -142,12 +142,50 @@ def test_bad_config_raises(overrides: dict[str, Any], match: str) -> None:
 def test_bad_inputs_raise() -> None:
     model = _dit()
     t = torch.tensor([1, 2])
-    with pytest.raises(ValueError, match="input is 16x16, but this DiT was built for input_size 8"):
-        model(torch.randn(2, 3, 16, 16), t)
+    with pytest.raises(ValueError, match="input is 10x10; this DiT takes square inputs whose "
+                       "side is a multiple of its patch_size 4"):
+        _dit(patch_size=4)(torch.randn(2, 3, 10, 10), t)
+    with pytest.raises(ValueError, match="input is 8x16; this DiT takes square inputs"):
+        model(torch.randn(2, 3, 8, 16), t)
     with pytest.raises(ValueError, match="this DiT has no cross-attention"):
         model(torch.randn(2, 3, 8, 8), t, context=torch.randn(2, 3, 6))
     with pytest.raises(ValueError, match="class_labels are required"):
         model(torch.randn(2, 3, 8, 8), t, class_labels=t)
+
+
+def test_a_larger_canvas_gets_the_sincos_embedding_of_a_dit_built_for_it() -> None:
+    """Sin-cos positions are recomputed for the larger grid: a DiT built for 8 and called on 16
+    is the DiT built for 16 with the same weights."""
+    torch.manual_seed(0)
+    small = _randomise(_dit(num_classes=5, context_dim=6)).eval()
+    large = _dit(num_classes=5, context_dim=6, input_size=16).eval()
+    large.load_state_dict(small.state_dict())
+    inputs = {**_inputs(small), "x": torch.randn(2, 3, 16, 16)}
+    assert torch.equal(small(**inputs), large(**inputs))
+    assert torch.equal(small.positions(4), small.pos_embed)
+
+
+def test_a_learned_embedding_is_resized_bicubically_keeping_its_layout() -> None:
+    """Channel 0 holds the token's row, channel 1 its column, channel 2 a constant: resized from
+    a 4x4 to an 8x8 grid, the rows stay rows (constant along a row, increasing down), the columns
+    columns, and the constant constant (ViT's 2-D interpolation)."""
+    model = _dit(pos_embed="learned")  # input 8, patch 2: a 4x4 grid
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.pos_embed[0, :, 0], model.pos_embed[0, :, 1] = rows.flatten(), cols.flatten()
+        model.pos_embed[0, :, 2] = 0.7
+    grid = model.positions(8)[0].reshape(8, 8, 16)
+    assert grid.shape == (8, 8, 16) and torch.equal(model.positions(4), model.pos_embed)
+    torch.testing.assert_close(grid[..., 0], grid[:, :1, 0].expand(8, 8))
+    torch.testing.assert_close(grid[..., 1], grid[:1, :, 1].expand(8, 8))
+    torch.testing.assert_close(grid[..., 1], grid[..., 0].T)
+    assert (grid[1:, 0, 0] > grid[:-1, 0, 0]).all()
+    assert grid[0, 0, 0] < 0.5 and grid[-1, 0, 0] > 2.5  # the trained range 0..3, stretched
+    torch.testing.assert_close(grid[..., 2], torch.full((8, 8), 0.7))
+    torch.testing.assert_close(grid[..., 3:], torch.zeros(8, 8, 13))
+    out = _randomise(model)(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert out.shape == (2, 3, 16, 16)
 
 
 def test_input_multiple_is_the_patch_size() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm_lightning.diffusion.img2img import check_strength, kept_levels, starting_point
 from ldm_lightning.diffusion.parameterization import check_prediction
 from ldm_lightning.diffusion.processes import DDPMProcess, NoiseLevel, NoiseProcess
 from ldm_lightning.diffusion.samplers.base import (
@@ -22,13 +23,26 @@ from ldm_lightning.diffusion.schedules import NoiseSchedule
 
 
 def _check_args(
-    eta: float | None, variance: str, shape: Sequence[int], x_T: Tensor | None
+    eta: float | None,
+    variance: str,
+    shape: Sequence[int],
+    x_T: Tensor | None,
+    x_init: Tensor | None,
+    strength: float,
 ) -> None:
     check_variance(variance)
     if eta is not None:
         check_eta(eta)
-    if x_T is not None and tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
+    check_strength(strength)
+    for name, given in (("x_T", x_T), ("x_init", x_init)):
+        if given is not None and tuple(given.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(given.shape)} but shape={tuple(shape)}")
+    if x_T is not None and x_init is not None:
+        raise ValueError("give x_T (a starting noise) or x_init (an image to edit), not both")
+    if x_init is None and strength != 1.0:
+        raise ValueError(
+            f"strength={strength} applies to image-to-image: give x_init, the data to start from"
+        )
 
 
 def _process(
@@ -63,6 +77,8 @@ def sample(
     timestep_spacing: str | None = None,
     process: NoiseProcess | None = None,
     guide: Guide | None = None,
+    x_init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Draw samples by running the reverse process from noise.
 
@@ -86,7 +102,7 @@ def sample(
             own default (DDIM 0, Euler ancestral 1). Like ``variance``, it goes to the samplers
             that take it, unless a dict or a Sampler sets it.
         generator: source of all random numbers (see module docstring).
-        device: where to sample; defaults to ``x_T``'s device, else the CPU.
+        device: where to sample; defaults to ``x_T``'s (or ``x_init``'s) device, else the CPU.
         x_T: [B, ...] starting point instead of drawing it (noise scaled by the process's
             :meth:`~ldm_lightning.diffusion.processes.NoiseProcess.initial_scale`).
         clip_denoised: clamp predicted x0 to [-1, 1] before each step (pixel-space data).
@@ -100,12 +116,17 @@ def sample(
             ``schedule`` and ``prediction``.
         guide: ``guide(x, level, x0, eps) -> (x0, eps)`` applied to every estimate (classifier
             guidance, :func:`~ldm_lightning.diffusion.guidance.classifier_guidance`).
+        x_init: [B, ...] clean data to edit (SDEdit, :mod:`~ldm_lightning.diffusion.img2img`):
+            noised to the first of the grid's last ceil(``strength * steps``) levels, which the
+            sampler then walks.
+        strength: in [0, 1], with ``x_init``: 0 returns ``x_init``, 1 samples from pure noise
+            exactly as without it.
 
     Returns:
         x0 samples [B, ...] float32, or (x0, [predicted x0 [B, ...] per step]) with
         ``return_trajectory``.
     """
-    _check_args(eta, variance, shape, x_T)
+    _check_args(eta, variance, shape, x_T, x_init, strength)
     rule = make_sampler(sampler, eta=eta, variance=variance)
     process = _process(schedule, prediction, process)
     if steps is None:
@@ -115,8 +136,10 @@ def sample(
             )
         steps = process.schedule.timesteps
     levels = process.sampling_levels(steps, timestep_spacing, zero_endpoint=rule.zero_endpoint)
+    levels = kept_levels(levels, strength)
     if device is None:
-        device = x_T.device if x_T is not None else torch.device("cpu")
+        given = x_T if x_T is not None else x_init
+        device = given.device if given is not None else torch.device("cpu")
     process = process.to(device)
     noise_device = generator.device if generator is not None else torch.device("cpu")
 
@@ -143,7 +166,8 @@ def sample(
     rule.reset()
     with torch.no_grad():
         if x_T is None:
-            x = noise() * process.initial_scale(levels[0])
+            x0 = None if x_init is None else x_init.to(device=device, dtype=torch.float32)
+            x = starting_point(x0, levels[0], strength, noise, process.initial_scale(levels[0]))
         else:
             x = x_T.to(device=device, dtype=torch.float32)
         for t, s in iterator:
