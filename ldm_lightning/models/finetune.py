@@ -127,12 +127,13 @@ class FinetuneModule(LatentDiffusionModule):
         self.prior_latents: Tensor | None = None
         self.prior_conditions: list[Any] = []
 
-    def _load_base(self, base: dict[str, Any], init_from: str | int) -> list[Tensor]:
+    def _load_base(self, base: dict[str, Any], init_from: str | int | None) -> list[Tensor]:
         """Load the base weights, each class table grown by the new class's row; returns the
         grown tables' parameters."""
         super().on_load_checkpoint(base)
         state, own, tables = dict(base["state_dict"]), self.state_dict(), []
         if self.conditioner.condition == "class":
+            init_from = "null" if init_from is None else init_from  # YAML's null: the null row
             init = init_from if init_from in INIT_FROM else int(self.conditioner.check([init_from]))
             if init == self.concept["index"]:
                 raise ValueError(f"model.finetune.init_from={init_from!r} is the new class: "

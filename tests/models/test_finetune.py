@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,7 +15,7 @@ from ldm_lightning.models import LatentDiffusionModule, connect
 from ldm_lightning.models.checkpoints import load_stage, read_checkpoint
 from ldm_lightning.models.finetune import FinetuneModule, grow_class_table
 from ldm_lightning.models.prior import PriorSpec, prior_images
-from ldm_lightning.nn.lora import ADAPTER
+from ldm_lightning.nn.lora import ADAPTER, lora_layers
 from ldm_lightning.sample import run as sample_run
 from tests.checkpoint_utils import write_checkpoint
 from tests.data.test_instance import instance_folder
@@ -197,3 +198,33 @@ def test_bad_bases_and_settings_are_clear_errors(class_base: Path, tmp_path: Pat
     with pytest.raises(ValueError, match="original classes, not the new one"):
         finetuned(class_base, tmp_path, prior={"weight": 1, "num": 2,
                                                "conditions": ["orange circle"]}).prior_spec()
+
+
+def test_the_experiment_config_builds_the_module_with_every_setting(
+    class_base: Path, tmp_path: Path
+) -> None:
+    images = instance_folder(tmp_path / "images")
+    cfg = compose_config([
+        "+experiment=finetune", f"data.root={images}", "data.image_size=8",
+        f"model.finetune.ckpt_path={class_base}", "model.finetune.new_class=orange circle",
+        "model.finetune.init_from=null", "model.finetune.prior.weight=0.25",
+        "model.finetune.prior.num=5", "model.finetune.prior.conditions=[blue circle]",
+        "model.finetune.prior.guidance_scale=1.5", "model.finetune.prior.seed=3",
+        "model.finetune.lora.rank=3", "model.finetune.lora.alpha=6",
+        "model.finetune.lora.target_modules=[qkv]", "model.optimizer.base_lr=0.5",
+        "+model.sampling={steps: 2}", "model.num_log_images=3", "model.channels_last=true",
+    ], tmp_path)
+    model = hydra.utils.instantiate(cfg.model)
+    assert isinstance(model, FinetuneModule) and model.hparams.optimizer["base_lr"] == 0.5
+    assert model.hparams.sampling == {"steps": 2} and model.hparams.num_log_images == 3
+    assert model.hparams.channels_last and not model.hparams.compile
+    # init_from=null: the new row is the null row
+    assert torch.equal(model.unet.label_emb.weight[3], model.unet.label_emb.weight[4])
+    adapters = lora_layers(model.unet)
+    assert sorted(adapters) == ["input_blocks.3.1.qkv", "middle_block.1.qkv",
+                                "output_blocks.0.1.qkv", "output_blocks.1.1.qkv"]
+    assert {(a.A.shape[0], a.scaling) for a in adapters.values()} == {(3, 2.0)}
+    spec = model.prior_spec()
+    assert (spec.conditions, spec.num, spec.guidance_scale, spec.seed) == ([2], 5, 1.5, 3)
+    assert model.prior_settings["weight"] == 0.25
+    assert model.prior_settings["dir"] == str(tmp_path / "cache" / "prior")
