@@ -8,7 +8,7 @@ Colours are read among the dataset's six and those the class folders name (a col
 fine-tuning, "orange circle"), or among ``--colours``.
 
     python experiments/bench/score_samples.py logs/demo/<time>/samples
-    python experiments/bench/score_samples.py --colours red yellow orange <run>
+    python experiments/bench/score_samples.py <run> --colours red green blue yellow orange
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from ldm_lightning.metrics.shapes_checker import read_image
 def score_folder(
     folder: Path, threshold: float = 0.8, colours: list[str] | None = None
 ) -> dict[str, float]:
-    """Clean share, mean shape IoU and (class folders) shape + colour accuracy of the PNGs,
+    """Clean share, mean shape IoU and (class folders) shape + colour accuracy of the PNGs, in
+    all and per class,
     colours read among ``colours`` (None: the dataset's and those the class folders name)."""
     paths = sorted((folder / "samples").rglob("*.png"))
     if not paths:
@@ -37,6 +38,7 @@ def score_folder(
         named = [p.parent.name.split(" ")[0] for p in paths if p.parent.name != "samples"]
         colours = list(dict.fromkeys([*COLOUR_NAMES, *named]))
     ious, right, clean_and_right, labelled = [], 0, 0, 0
+    per_class: dict[str, list[bool]] = {}
     for path in paths:
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
         image = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
@@ -47,6 +49,7 @@ def score_folder(
             labelled += 1
             hit = read["shape"] == shape and read["colour"] == colour
             right += hit
+            per_class.setdefault(path.parent.name, []).append(hit)
             clean_and_right += hit and read["iou"] > threshold
     iou = torch.tensor(ious)
     result = {"samples": len(ious), "shape_iou": round(iou.mean().item(), 4),
@@ -54,6 +57,8 @@ def score_folder(
     if labelled:
         result["shape_and_colour"] = round(right / labelled, 4)
         result["clean_and_right"] = round(clean_and_right / labelled, 4)
+        result["per_class"] = {name: round(sum(hits) / len(hits), 4)
+                               for name, hits in per_class.items()}
     return result
 
 
