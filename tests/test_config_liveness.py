@@ -545,6 +545,44 @@ PRETRAINED_TEXT_CONDITIONING: dict[str, Entry] = {
 }
 
 
+FINETUNE_TEST = "tests/models/test_finetune.py::"
+FINETUNE_CONFIG = Elsewhere(
+    FINETUNE_TEST + "test_the_experiment_config_builds_the_module_with_every_setting",
+    "the key reaches the module built from +experiment=finetune (the LDM's own probes show "
+    "what it changes there)",
+)
+FINETUNE: dict[str, Entry] = {
+    "finetune.ckpt_path": Elsewhere(
+        FINETUNE_TEST + "test_the_finetuned_model_starts_as_the_base_with_one_more_class",
+        "the module starts as that base checkpoint (same predictions for the old classes)",
+    ),
+    "finetune.trust_checkpoint": Inert(
+        "passed to read_checkpoint like every *.trust_checkpoint; a checkpoint the tests write "
+        "names no code, so reading it safely or trusted gives the same module"
+    ),
+    "finetune.new_class": Elsewhere(
+        FINETUNE_TEST + "test_a_lora_checkpoint_is_a_plain_ldm_that_samples_and_resumes",
+        "the checkpoint has the new class and sample per_class writes samples/<new class>/",
+    ),
+    "finetune.instance_prompt": Elsewhere(
+        FINETUNE_TEST + "test_a_text_base_learns_an_identifier_prompt",
+        "the identifier prompt of a text-conditional base",
+    ),
+    **{key: FINETUNE_CONFIG for key in (
+        "finetune.init_from", "finetune.prior.num", "finetune.prior.conditions",
+        "finetune.prior.guidance_scale", "finetune.prior.seed", "finetune.prior.dir",
+        "finetune.lora.rank", "finetune.lora.alpha", "finetune.lora.target_modules",
+        "optimizer._target_", "optimizer.base_lr", "optimizer.scale_lr", "optimizer.betas",
+        "optimizer.weight_decay", "optimizer.warmup_steps", "optimizer.schedule",
+        "optimizer.min_lr_ratio", "sampling", "num_log_images", "compile", "channels_last",
+    )},
+    "finetune.prior.weight": Elsewhere(
+        FINETUNE_TEST + "test_the_loss_is_the_instance_loss_plus_lambda_times_the_prior_loss",
+        "lambda of DreamBooth eq. 2: loss = instance + weight * prior",
+    ),
+}
+
+
 def keyed(config: str, entries: dict[str, Entry]) -> dict[str, Entry]:
     return {f"{config}:{key}": entry for key, entry in entries.items()}
 
@@ -563,6 +601,7 @@ TABLE: dict[str, Entry] = {
     **keyed("model/conditioner_text", CONDITIONER_TEXT),
     **keyed("model/conditioner_class", CONDITIONER_CLASS),
     **keyed("model/noisy_classifier", NOISY_CLASSIFIER),
+    **keyed("model/finetune", FINETUNE),
 }
 
 

@@ -34,6 +34,11 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "gray": (128, 128, 128),
 }
+# Shape colours the renderer draws but the dataset never samples: concepts a shapes model has not
+# seen, to teach it by few-shot fine-tuning (conf/experiment/shapes_finetune.yaml) and to read
+# back with the checker (its ``colours`` argument).
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"orange": (245, 130, 20)}
+RENDER_COLOURS: dict[str, tuple[int, int, int]] = {**SHAPE_COLOURS, **NEW_COLOURS}
 COLOUR_NAMES: tuple[str, ...] = tuple(SHAPE_COLOURS)
 NUM_CLASSES = len(SHAPES) * len(COLOUR_NAMES)
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -111,9 +116,12 @@ def shape_mask(spec: ShapeSpec, size: int, antialias: int = 4) -> np.ndarray:
 
 
 def render(spec: ShapeSpec, size: int, antialias: int = 4) -> torch.Tensor:
-    """The image of ``spec`` as a float tensor ``[3, size, size]`` in [-1, 1]."""
+    """The image of ``spec`` as a float tensor ``[3, size, size]`` in [-1, 1]; its colour is
+    one of ``RENDER_COLOURS`` (the dataset's six and ``NEW_COLOURS``)."""
     mask = shape_mask(spec, size, antialias)[None]
-    fg = np.asarray(SHAPE_COLOURS[spec.colour], dtype=np.float32)[:, None, None] / 255.0
+    if spec.colour not in RENDER_COLOURS:
+        raise ValueError(f"unknown shape colour {spec.colour!r}; valid: {tuple(RENDER_COLOURS)}")
+    fg = np.asarray(RENDER_COLOURS[spec.colour], dtype=np.float32)[:, None, None] / 255.0
     bg = np.asarray(BACKGROUND_COLOURS[spec.background], dtype=np.float32)[:, None, None] / 255.0
     image = mask * fg + (1.0 - mask) * bg
     return torch.from_numpy(image * 2.0 - 1.0)

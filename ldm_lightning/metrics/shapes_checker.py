@@ -5,7 +5,9 @@ A deterministic checker, no learned model (the conditioning benchmark's, experim
 - background colour: the median of the one-pixel border;
 - coverage ``alpha`` of each pixel: its position on the line from the background colour to
   the shape colour, where the shape colour is the median of the pixels far from the background;
-- shape colour: the nearest palette colour (``SHAPE_COLOURS``) to that median;
+- shape colour: the nearest palette colour to that median, among the dataset's six
+  (``SHAPE_COLOURS``) by default, or among the ``colours`` named (``RENDER_COLOURS`` also
+  holds colours the dataset never draws, e.g. a concept taught by fine-tuning);
 - shape: the best of three fits. For each of circle, square and triangle, the shape with the
   observed area ``A = sum(alpha)`` and centroid (circumcentre = centroid for all three; radius
   from ``A = pi r^2``, ``2 r^2``, ``3 sqrt(3) / 4 r^2``) is rendered by the dataset's own
@@ -28,15 +30,14 @@ import torch
 from ldm_lightning.data.shapes import (
     BACKGROUND_COLOURS,
     COLOUR_NAMES,
-    SHAPE_COLOURS,
+    RENDER_COLOURS,
     ShapeSpec,
     describe_label,
     shape_mask,
 )
 
-__all__ = ["CLEAN_IOU", "fit_shape", "read_image", "score_labels"]
+__all__ = ["CLEAN_IOU", "fit_shape", "palette", "read_image", "score_labels"]
 
-PALETTE = torch.tensor([SHAPE_COLOURS[name] for name in COLOUR_NAMES], dtype=torch.float32)
 BACKGROUNDS = torch.tensor(list(BACKGROUND_COLOURS.values()), dtype=torch.float32)
 # Area of each shape of circumradius r, over r^2 (shapes.shape_mask's geometry).
 AREA_OVER_R2 = {"circle": math.pi, "square": 2.0, "triangle": 3 * math.sqrt(3) / 4}
@@ -68,9 +69,23 @@ def fit_shape(alpha: torch.Tensor) -> tuple[str, float]:
     return best, (observed & fitted).sum().item() / union if union else 0.0
 
 
-def read_image(image: torch.Tensor) -> dict[str, str | float]:
+def palette(colours: Sequence[str] = COLOUR_NAMES) -> torch.Tensor:
+    """The RGB values ``[K, 3]`` of shape colours named in ``RENDER_COLOURS``."""
+    unknown = [name for name in colours if name not in RENDER_COLOURS]
+    if unknown or not colours:
+        raise ValueError(
+            f"unknown shape colours {unknown or '(none given)'}; the checker reads "
+            f"{tuple(RENDER_COLOURS)} (add a new one to shapes.NEW_COLOURS)"
+        )
+    return torch.tensor([RENDER_COLOURS[name] for name in colours], dtype=torch.float32)
+
+
+def read_image(
+    image: torch.Tensor, colours: Sequence[str] = COLOUR_NAMES
+) -> dict[str, str | float]:
     """``{"shape", "colour", "background", "iou"}`` read from one image ``[3, H, W]`` in
-    [-1, 1]; ``iou`` is how well the read shape fits (:func:`fit_shape`)."""
+    [-1, 1]; ``iou`` is how well the read shape fits (:func:`fit_shape`); ``colour`` is the
+    nearest of ``colours``."""
     rgb = (image.detach().cpu().float().clamp(-1, 1) + 1) * 127.5
     pixels = rgb.flatten(1).T
     border = torch.cat([rgb[:, 0], rgb[:, -1], rgb[:, :, 0], rgb[:, :, -1]], dim=1).T
@@ -82,13 +97,16 @@ def read_image(image: torch.Tensor) -> dict[str, str | float]:
     alpha = ((pixels - background) @ direction / direction.dot(direction).clamp(min=1e-6))
     alpha = alpha.clamp(0, 1).view(rgb.shape[1:])
     shape, iou = fit_shape(alpha)
-    colour = COLOUR_NAMES[(PALETTE - foreground).norm(dim=1).argmin()]
+    colour = colours[(palette(colours) - foreground).norm(dim=1).argmin()]
     background_name = list(BACKGROUND_COLOURS)[(BACKGROUNDS - background).norm(dim=1).argmin()]
     return {"shape": shape, "colour": colour, "background": background_name, "iou": iou}
 
 
 def score_labels(
-    images: torch.Tensor, labels: Sequence[int] | None = None, clean_iou: float = CLEAN_IOU
+    images: torch.Tensor,
+    labels: Sequence[int] | None = None,
+    clean_iou: float = CLEAN_IOU,
+    colours: Sequence[str] = COLOUR_NAMES,
 ) -> dict[str, float]:
     """The checker's scores of samples ``[N, 3, H, W]`` in [-1, 1]:
 
@@ -96,11 +114,13 @@ def score_labels(
       the share read as the asked-for shape and colour;
     - ``shape_iou``: the mean IoU of the read shapes with their fits;
     - ``clean``: the share with that IoU above ``clean_iou``.
+
+    Colours are read among ``colours`` (:func:`read_image`).
     """
     if not len(images) or (labels is not None and len(images) != len(labels)):
         count = "no" if labels is None else len(labels)
         raise ValueError(f"{len(images)} images for {count} labels; give one label each")
-    reads = [read_image(image) for image in images]
+    reads = [read_image(image, colours) for image in images]
     iou = torch.tensor([read["iou"] for read in reads])
     scores = {"shape_iou": iou.mean().item(), "clean": (iou > clean_iou).float().mean().item()}
     if labels is not None:

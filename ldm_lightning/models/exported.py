@@ -53,6 +53,7 @@ TRAINING_STATE = {
     "hyper_parameters",
     "current_model_state",
     "averaging_state",
+    "lora_adapters",  # a LoRA fine-tuning's adapters, to resume it; merged into state_dict
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm_lightning.data.shapes import ShapesDataset, ShapeSpec, label_of, render
+from ldm_lightning.data.shapes import COLOUR_NAMES, ShapesDataset, ShapeSpec, label_of, render
 from ldm_lightning.metrics.shapes_checker import read_image, score_labels
 
 
@@ -31,3 +31,14 @@ def test_scores_of_real_renders_and_of_wrong_labels() -> None:
     assert score_labels(noise) == {"shape_iou": pytest.approx(0.0, abs=0.5), "clean": 0.0}
     with pytest.raises(ValueError, match="one label each"):
         score_labels(images, labels[:3])
+
+
+def test_a_colour_the_dataset_never_draws_reads_back_when_named() -> None:
+    image = render(ShapeSpec("circle", "orange", "blue", 0.5, 0.5, 0.3), 32)
+    assert read_image(image)["colour"] in ("red", "yellow")  # the dataset's six only
+    read = read_image(image, colours=[*COLOUR_NAMES, "orange"])
+    assert (read["shape"], read["colour"]) == ("circle", "orange")
+    with pytest.raises(ValueError, match="unknown shape colours \\['teal'\\].*NEW_COLOURS"):
+        read_image(image, colours=["red", "teal"])
+    with pytest.raises(ValueError, match="unknown shape colour 'teal'"):
+        render(ShapeSpec("circle", "teal", "blue", 0.5, 0.5, 0.3), 32)
