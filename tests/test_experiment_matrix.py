@@ -35,6 +35,9 @@ NEEDS: dict[str, set[str]] = {
     "ldm_text": {"varied captions"},   # captions that tell images apart: text guidance
     "clip": {"varied captions"},       # contrastive caption <-> image matching
     "noisy_classifier": {"labels"},    # a label per image: what it learns to tell apart
+    # 3-10 images of one new concept (data=instance) and a trained conditional LDM: no
+    # datamodule below; tests/models/test_finetune.py trains these experiments.
+    "finetune": {"instance images"},
 }
 # What each datamodule offers. "celebahq_faces" is CelebA-HQ as a plain folder of faces: every
 # image is label 0 with the caption "a photo of a face", so it offers neither.
@@ -59,8 +62,9 @@ ALIASES = {"demo_kl": "kl", "demo_ldm": "ldm_class", "kl_f8": "kl", "compare": "
 
 
 def kind(experiment: str) -> str:
-    """``shapes_ldm_text`` -> ``ldm_text``; ``shapes_demo_ldm`` -> ``ldm_class``."""
-    name = experiment.split("_", 1)[1]
+    """``shapes_ldm_text`` -> ``ldm_text``; ``shapes_demo_ldm`` -> ``ldm_class``; ``finetune``
+    -> ``finetune``."""
+    name = experiment.split("_", 1)[-1]
     return ALIASES.get(name, name)
 
 
@@ -145,7 +149,8 @@ def test_only_conditioned_experiments_on_unlabelled_uncaptioned_data_are_left_ou
     assert set(OFFERS) == set(data_overrides)
     conditioned = {e for e in EXPERIMENTS
                    if kind(e) in ("ldm_class", "ldm_text", "clip", "noisy_classifier")}
-    assert set(EXCLUDED) == {(e, "celebahq_faces") for e in conditioned}
+    finetune = {(e, data) for e in EXPERIMENTS if kind(e) == "finetune" for data in OFFERS}
+    assert set(EXCLUDED) == {(e, "celebahq_faces") for e in conditioned} | finetune
 
 
 @pytest.mark.parametrize(("experiment", "data"), MATRIX)

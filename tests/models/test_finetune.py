@@ -17,6 +17,7 @@ from ldm_lightning.models.finetune import FinetuneModule, grow_class_table
 from ldm_lightning.models.prior import PriorSpec, prior_images
 from ldm_lightning.nn.lora import ADAPTER, lora_layers
 from ldm_lightning.sample import run as sample_run
+from ldm_lightning.train import train
 from tests.checkpoint_utils import write_checkpoint
 from tests.data.test_instance import instance_folder
 from tests.hydra_utils import compose_config
@@ -228,3 +229,24 @@ def test_the_experiment_config_builds_the_module_with_every_setting(
     assert (spec.conditions, spec.num, spec.guidance_scale, spec.seed) == ([2], 5, 1.5, 3)
     assert model.prior_settings["weight"] == 0.25
     assert model.prior_settings["dir"] == str(tmp_path / "cache" / "prior")
+
+
+@pytest.mark.parametrize("experiment", ["finetune", "shapes_finetune"])
+def test_the_experiment_trains_from_the_command_line_config(
+    experiment: str, class_base: Path, tmp_path: Path
+) -> None:
+    """The user's path: ``python -m ldm_lightning.train +experiment=<experiment>`` on a folder
+    of instance images (tests/test_experiment_matrix.py leaves these experiments out: their data
+    is the instance folder, not a datamodule of the matrix)."""
+    images = instance_folder(tmp_path / "images")
+    cfg = compose_config([
+        f"+experiment={experiment}", f"data.root={images}", "data.image_size=8",
+        "data.batch_size=2", "data.repeats=2", f"model.finetune.ckpt_path={class_base}",
+        "model.finetune.new_class=orange circle", "model.finetune.prior.num=4",
+        "+model.sampling={steps: 2}", "model.num_log_images=2", "trainer.max_epochs=1",
+        "trainer=cpu", "logger=csv",
+    ], tmp_path)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.as_tensor(metrics["val/loss"]))
+    saved = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert saved["hyper_parameters"]["conditioning"]["class_names"][-1] == "orange circle"
