@@ -51,7 +51,7 @@ def test_the_segmentation_is_the_shape_where_it_covers_half_a_pixel() -> None:
         pixels = ((item["image"] + 1) / 2 * 255).round()
         inside = item["segmentation"].bool() & torch.from_numpy(shape_mask(spec, 32) == 1)
         colour = torch.tensor(SHAPE_COLOURS[spec.colour], dtype=torch.float32)
-        assert (pixels[:, inside].T == colour).all()
+        assert (colour == pixels[:, inside].T).all()
         assert torch.equal(item["image"], render(spec, 32))
 
 
