@@ -2,7 +2,9 @@
 
 Writes ``grid.png`` and ``samples/<index>.png`` into the run directory; with ``per_class=N``,
 N samples of every class (of a class-conditional model, or of the ``classifier_ckpt`` that guides
-it) in ``samples/<class name>/<index>.png`` and one grid row per class.
+it) in ``samples/<class name>/<index>.png`` and one grid row per class. ``task=inpaint | upscale |
+semantic image=<png> [mask=<png>]`` samples a model with that spatial condition
+(:mod:`ldm_lightning.sample_tasks`).
 Batch ``b`` uses seed ``seed + b``, so the same command gives the same images, on any device.
 ``image_size=<px>`` samples another canvas than the training size (LDM sec. 4.3.2);
 ``init_image=<png> strength=<0..1>`` edits an image (SDEdit, Meng et al. 2022).
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_lightning.models import LatentDiffusionModule
 from ldm_lightning.models.checkpoints import load_stage
+from ldm_lightning.sample_tasks import finish_task, task_inputs
 from ldm_lightning.sampling import (
     batch_conditions,
     generate,
@@ -44,6 +47,7 @@ def run(cfg: DictConfig) -> Path:
     def optional(value: Any) -> Any:
         return OmegaConf.to_object(value) if value is not None else None
 
+    spatial = task_inputs(model, cfg.task, cfg.image, cfg.mask)
     classifier = guidance_classifier(cfg, device)
     labels, num_samples, folders = optional(cfg.labels), cfg.num_samples, None
     if cfg.per_class:
@@ -66,9 +70,10 @@ def run(cfg: DictConfig) -> Path:
         unconditional=cfg.unconditional,
         classifier=classifier,
         image_size=cfg.image_size,
+        spatial=spatial,
         **edit,
     )
-    images = torch.cat([batch.cpu() for batch in batches])
+    images = finish_task(torch.cat([batch.cpu() for batch in batches]), spatial)
     nrow = cfg.grid_nrow or (cfg.per_class if cfg.per_class else None)
     grid = write_samples(images, cfg.paths.output_dir, nrow, folders)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)

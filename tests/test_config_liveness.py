@@ -76,6 +76,7 @@ from tests.test_sampling import wide_png
 
 CONF = Path(__file__).parents[1] / "conf"
 CONDITIONING = "model/conditioning"  # a group of model/ldm; each option is a config here
+SPATIAL = "model/spatial"  # likewise (default null: none)
 ENTRY_CONFIGS = ("sample", "evaluate", "compare_report")
 SKIPPED = {"_convert_", "_partial_", "_recursive_"}  # instantiate's, not ours
 # The defaults list, Hydra's own settings and the class instantiate builds; a nested _target_
@@ -223,6 +224,19 @@ SAMPLE: dict[str, Entry] = {
     "per_class": Elsewhere(
         "tests/test_class_names.py::test_per_class_writes_one_folder_per_class",
         "N samples of every class, written to samples/<class name>/",
+    ),
+    "task": Elsewhere(
+        "tests/test_sample_tasks.py::test_upscale_and_semantic_sample_their_condition",
+        "the task's files become the spatial condition of the samples (the library's samples "
+        "with those inputs); a task the checkpoint was not trained for is refused",
+    ),
+    "image": Elsewhere(
+        "tests/test_sample_tasks.py::test_inpainting_keeps_the_unmasked_region_and_fills_the_masked_one",
+        "the known image: its unmasked pixels are the written samples' exactly",
+    ),
+    "mask": Elsewhere(
+        "tests/test_sample_tasks.py::test_inpainting_keeps_the_unmasked_region_and_fills_the_masked_one",
+        "the region filled by the model; the rest is the image's",
     ),
 }
 
@@ -583,6 +597,28 @@ FINETUNE: dict[str, Entry] = {
 }
 
 
+def spatial_kind_switch(option: str) -> Entry:
+    return Live("structure", option, raises=f"does not choose the kind: use {SPATIAL}={option}")
+
+
+# The condition of the first training batch changes the loss (masks, dropout: seeded draws).
+SPATIAL_INPAINT: dict[str, Entry] = {
+    "kind": spatial_kind_switch("upscale"),
+    "p_uncond": Live("loss", 0.9),
+}
+SPATIAL_UPSCALE: dict[str, Entry] = {
+    "kind": spatial_kind_switch("inpaint"),
+    "factor": Live("loss", 2),  # an 8x8 low-resolution image, not 4x4
+    "p_uncond": Live("loss", 0.9),
+}
+SPATIAL_SEMANTIC: dict[str, Entry] = {
+    "kind": spatial_kind_switch("inpaint"),
+    "num_classes": Live("structure", 3),
+    "batch_key": Live("loss", "map", raises="builds its condition from the batch's 'map'"),
+    "p_uncond": Live("loss", 0.9),
+}
+
+
 def keyed(config: str, entries: dict[str, Entry]) -> dict[str, Entry]:
     return {f"{config}:{key}": entry for key, entry in entries.items()}
 
@@ -598,6 +634,9 @@ TABLE: dict[str, Entry] = {
     **keyed("model/conditioning/class", CLASS_CONDITIONING),
     **keyed("model/conditioning/text", TEXT_CONDITIONING),
     **keyed("model/conditioning/pretrained_text", PRETRAINED_TEXT_CONDITIONING),
+    **keyed(f"{SPATIAL}/inpaint", SPATIAL_INPAINT),
+    **keyed(f"{SPATIAL}/upscale", SPATIAL_UPSCALE),
+    **keyed(f"{SPATIAL}/semantic", SPATIAL_SEMANTIC),
     **keyed("model/conditioner_text", CONDITIONER_TEXT),
     **keyed("model/conditioner_class", CONDITIONER_CLASS),
     **keyed("model/noisy_classifier", NOISY_CLASSIFIER),
@@ -661,6 +700,9 @@ def config_keys(tmp_path: Path) -> set[str]:
     for option in conditioning_options():
         model = compose_config(["model=ldm", f"{CONDITIONING}={option}"], tmp_path).model
         keys |= {f"{CONDITIONING}/{option}:{k}" for k in flat_keys(model.conditioning)}
+    for option in group_options(SPATIAL):
+        model = compose_config(["model=ldm", f"{SPATIAL}={option}"], tmp_path).model
+        keys |= {f"{SPATIAL}/{option}:{k}" for k in flat_keys(model.spatial)}
     return keys
 
 
@@ -760,7 +802,9 @@ FAMILIES = {
 def family(config: str) -> str:
     if config in ENTRY_CONFIGS:
         return config
-    return "ldm" if config.startswith(CONDITIONING) else FAMILIES[config.split("/", 1)[1]]
+    if config.startswith((CONDITIONING, SPATIAL)):
+        return "ldm"
+    return FAMILIES[config.split("/", 1)[1]]
 
 
 def overrides_of(config: str) -> list[str]:
@@ -771,6 +815,8 @@ def overrides_of(config: str) -> list[str]:
     if config.startswith(CONDITIONING):
         option = config.rsplit("/", 1)[1]
         return ["model=ldm", f"{CONDITIONING}={option}", *TINY["ldm"], *TINY_CONDITIONING[option]]
+    if config.startswith(SPATIAL):
+        return ["model=ldm", f"{SPATIAL}={config.rsplit('/', 1)[1]}", *TINY["ldm"]]
     name = config.split("/")[-1]
     return [f"model={name}", *TINY[name]]
 
@@ -1241,6 +1287,8 @@ def settings_of(key: str, entry: Live | Inert) -> tuple[str, dict[str, Any], dic
     changed = {**base, dotted: entry.value}
     if config.startswith(CONDITIONING):  # its keys are those of model.conditioning
         base, changed = ({f"conditioning.{k}": v for k, v in d.items()} for d in (base, changed))
+    if config.startswith(SPATIAL):  # those of model.spatial
+        base, changed = ({f"spatial.{k}": v for k, v in d.items()} for d in (base, changed))
     return config, base, changed
 
 

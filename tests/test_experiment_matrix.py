@@ -35,6 +35,9 @@ NEEDS: dict[str, set[str]] = {
     "ldm_text": {"varied captions"},   # captions that tell images apart: text guidance
     "clip": {"varied captions"},       # contrastive caption <-> image matching
     "noisy_classifier": {"labels"},    # a label per image: what it learns to tell apart
+    "inpaint": set(), "upscale": set(),  # images alone: masks and low-resolution images are
+                                         # made from them
+    "semantic": {"semantic maps"},     # a map per image (model.spatial.batch_key)
     # 3-10 images of one new concept (data=instance) and a trained conditional LDM: no
     # datamodule below; tests/models/test_finetune.py trains these experiments.
     "finetune": {"instance images"},
@@ -42,7 +45,8 @@ NEEDS: dict[str, set[str]] = {
 # What each datamodule offers. "celebahq_faces" is CelebA-HQ as a plain folder of faces: every
 # image is label 0 with the caption "a photo of a face", so it offers neither.
 OFFERS: dict[str, set[str]] = {
-    "shapes": {"labels", "varied captions"},        # 18 shape x colour classes, exact captions
+    "shapes": {"labels", "varied captions",         # 18 shape x colour classes, exact captions,
+               "semantic maps"},                    # exact shape/background segmentations
     "image_folder": {"labels", "varied captions"},  # class folders, "a photo of a <class>",
                                                     # and captions.jsonl lines
     "pets": {"labels", "varied captions"},          # breeds, "a photo of a <breed>, a ..."
@@ -100,6 +104,9 @@ TINY: dict[str, list[str]] = {
     "ldm": TINY_UNET,
     "ddpm": TINY_UNET,
     "ldm_class": TINY_UNET,
+    "inpaint": TINY_UNET,
+    "upscale": TINY_UNET,
+    "semantic": TINY_UNET,
     "noisy_classifier": [
         "model.classifier.model_channels=16", "model.classifier.channel_mult=[1,2]",
         "model.classifier.num_res_blocks=1", "model.classifier.attention_resolutions=[2]",
@@ -136,7 +143,8 @@ def experiment_config(experiment: str, data: str, data_overrides: dict[str, list
     """The experiment on ``data``, tiny, with the first stage and class count it needs."""
     overrides = [f"+experiment={experiment}", *data_overrides[data], *ON_THIS_MACHINE,
                  *TINY[kind(experiment)]]
-    if kind(experiment) in ("clip", "ldm", "ldm_class", "ldm_text", "noisy_classifier"):
+    if kind(experiment) in ("clip", "ldm", "ldm_class", "ldm_text", "noisy_classifier",
+                            "inpaint", "upscale", "semantic"):
         overrides.append(f"model.first_stage.ckpt_path={first_stage}")
     if kind(experiment) == "ldm_class":
         overrides.append("model.conditioning.num_classes=null")  # from the data
@@ -149,8 +157,10 @@ def test_only_conditioned_experiments_on_unlabelled_uncaptioned_data_are_left_ou
     assert set(OFFERS) == set(data_overrides)
     conditioned = {e for e in EXPERIMENTS
                    if kind(e) in ("ldm_class", "ldm_text", "clip", "noisy_classifier")}
+    # Only shapes renders exact maps: semantic synthesis on it alone.
+    mapped = {(e, d) for e in EXPERIMENTS if kind(e) == "semantic" for d in OFFERS if d != "shapes"}
     finetune = {(e, data) for e in EXPERIMENTS if kind(e) == "finetune" for data in OFFERS}
-    assert set(EXCLUDED) == {(e, "celebahq_faces") for e in conditioned} | finetune
+    assert set(EXCLUDED) == {(e, "celebahq_faces") for e in conditioned} | mapped | finetune
 
 
 @pytest.mark.parametrize(("experiment", "data"), MATRIX)

@@ -2,8 +2,9 @@
 
 Each image is one filled shape (circle, square or triangle) in one of six colours on a
 background of another colour, at a random position and size. Everything about an image is
-known exactly, so it carries an integer label (shape x colour) and an exact caption
-("a red circle on a gray background"), and a checker can read both back from pixels.
+known exactly, so it carries an integer label (shape x colour), an exact caption
+("a red circle on a gray background") and an exact segmentation (0: background, 1: shape, where
+the shape covers at least half of a pixel), and a checker can read them back from pixels.
 
 Images are drawn on demand from a per-item seed ``(seed, split, index)``: any resolution,
 identical on every machine and worker, nothing stored on disk.
@@ -118,9 +119,15 @@ def shape_mask(spec: ShapeSpec, size: int, antialias: int = 4) -> np.ndarray:
 def render(spec: ShapeSpec, size: int, antialias: int = 4) -> torch.Tensor:
     """The image of ``spec`` as a float tensor ``[3, size, size]`` in [-1, 1]; its colour is
     one of ``RENDER_COLOURS`` (the dataset's six and ``NEW_COLOURS``)."""
-    mask = shape_mask(spec, size, antialias)[None]
+    return paint(spec, shape_mask(spec, size, antialias))
+
+
+def paint(spec: ShapeSpec, coverage: np.ndarray) -> torch.Tensor:
+    """The shape's colour over its background by ``coverage`` ``[H, W]``: ``[3, H, W]`` in
+    [-1, 1]."""
     if spec.colour not in RENDER_COLOURS:
         raise ValueError(f"unknown shape colour {spec.colour!r}; valid: {tuple(RENDER_COLOURS)}")
+    mask = coverage[None]
     fg = np.asarray(RENDER_COLOURS[spec.colour], dtype=np.float32)[:, None, None] / 255.0
     bg = np.asarray(BACKGROUND_COLOURS[spec.background], dtype=np.float32)[:, None, None] / 255.0
     image = mask * fg + (1.0 - mask) * bg
@@ -154,8 +161,10 @@ class ShapesDataset(CaptionedDataset):
 
     def __getitem__(self, index: int) -> dict:
         spec = self.spec(index)
+        coverage = shape_mask(spec, self.image_size, self.antialias)
         return {
-            "image": render(spec, self.image_size, self.antialias),
+            "image": paint(spec, coverage),
+            "segmentation": torch.from_numpy(coverage >= 0.5).long(),
             "label": spec.label,
             "caption": spec.caption,
         }

@@ -36,7 +36,7 @@ from ldm_lightning.data.shapes import (
     shape_mask,
 )
 
-__all__ = ["CLEAN_IOU", "fit_shape", "palette", "read_image", "score_labels"]
+__all__ = ["CLEAN_IOU", "coverage", "fit_shape", "palette", "read_image", "score_labels"]
 
 BACKGROUNDS = torch.tensor(list(BACKGROUND_COLOURS.values()), dtype=torch.float32)
 # Area of each shape of circumradius r, over r^2 (shapes.shape_mask's geometry).
@@ -80,12 +80,9 @@ def palette(colours: Sequence[str] = COLOUR_NAMES) -> torch.Tensor:
     return torch.tensor([RENDER_COLOURS[name] for name in colours], dtype=torch.float32)
 
 
-def read_image(
-    image: torch.Tensor, colours: Sequence[str] = COLOUR_NAMES
-) -> dict[str, str | float]:
-    """``{"shape", "colour", "background", "iou"}`` read from one image ``[3, H, W]`` in
-    [-1, 1]; ``iou`` is how well the read shape fits (:func:`fit_shape`); ``colour`` is the
-    nearest of ``colours``."""
+def coverage(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(alpha [H, W] in [0, 1], foreground [3], background [3])`` of one image ``[3, H, W]``
+    in [-1, 1], colours in 0..255 (module docstring)."""
     rgb = (image.detach().cpu().float().clamp(-1, 1) + 1) * 127.5
     pixels = rgb.flatten(1).T
     border = torch.cat([rgb[:, 0], rgb[:, -1], rgb[:, :, 0], rgb[:, :, -1]], dim=1).T
@@ -95,7 +92,16 @@ def read_image(
     foreground = pixels[far].median(dim=0).values if far.any() else background
     direction = foreground - background
     alpha = ((pixels - background) @ direction / direction.dot(direction).clamp(min=1e-6))
-    alpha = alpha.clamp(0, 1).view(rgb.shape[1:])
+    return alpha.clamp(0, 1).view(rgb.shape[1:]), foreground, background
+
+
+def read_image(
+    image: torch.Tensor, colours: Sequence[str] = COLOUR_NAMES
+) -> dict[str, str | float]:
+    """``{"shape", "colour", "background", "iou"}`` read from one image ``[3, H, W]`` in
+    [-1, 1]; ``iou`` is how well the read shape fits (:func:`fit_shape`); ``colour`` is the
+    nearest of ``colours``."""
+    alpha, foreground, background = coverage(image)
     shape, iou = fit_shape(alpha)
     colour = colours[(palette(colours) - foreground).norm(dim=1).argmin()]
     background_name = list(BACKGROUND_COLOURS)[(BACKGROUNDS - background).norm(dim=1).argmin()]

@@ -31,6 +31,7 @@ from ldm_lightning.models.canvas import Canvas, latent_size
 from ldm_lightning.models.checkpoints import SafeLoading
 from ldm_lightning.models.conditioning import build_conditioning
 from ldm_lightning.models.latent_space import LatentSpace
+from ldm_lightning.models.spatial import SpatialHolder
 from ldm_lightning.models.speed import apply_speed_switches, to_memory_format
 from ldm_lightning.nn.backbone import input_multiple
 from ldm_lightning.utils.targets import resolve_class
@@ -48,7 +49,7 @@ BACKBONE_HINT = (
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "base_lr": 1e-4, "betas": (0.9, 0.999)}
 
 
-class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule):
+class LatentDiffusionModule(SafeLoading, Canvas, SpatialHolder, LatentSpace, pl.LightningModule):
     """A time-conditional UNet on the latents of a frozen first stage. See the module docstring.
 
     Args:
@@ -91,6 +92,9 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
         conditioning: the config of a :class:`~ldm_lightning.models.conditioning.Conditioning`:
             ``_target_`` (its class) and its arguments, as in ``conf/model/conditioning/``, or a
             checkpoint's ``{kind: ..., ...}`` of earlier versions; None: unconditional.
+        spatial: a condition concatenated to z_t (LDM sec. 3.3; ``conf/model/spatial/``:
+            inpaint | upscale | semantic; :mod:`ldm_lightning.models.spatial`), whose channels
+            are added to the backbone's ``in_channels``; None: none.
         compile: ``torch.compile`` the UNet in place when a Trainer sets the module up (true,
             or a dict of ``torch.compile`` options); parameter names are unchanged.
         channels_last: UNet weights and its inputs in NHWC layout (faster convolutions on GPUs).
@@ -118,6 +122,7 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
         sampling: dict[str, Any] | None = None,
         num_log_images: int = 16,
         conditioning: dict[str, Any] | None = None,
+        spatial: dict[str, Any] | None = None,
         compile: bool | dict[str, Any] = False,
         channels_last: bool = False,
     ) -> None:
@@ -151,6 +156,7 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
                 f"in_channels={unet['in_channels']}, out_channels={unet['out_channels']}; set both "
                 f"to {channels} (or null to follow the first stage)."
             )
+        unet["in_channels"] += self.attach_spatial(spatial, channels)  # concat[z_t, c]
         self.backbone_multiple = input_multiple(backbone, unet)
         self.latent_size = latent_size(
             image_size, self.first_stage.factor, self.backbone_multiple, "data.image_size"
@@ -176,8 +182,8 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict[str, Any], train: bool) -> dict[str, torch.Tensor]:
-        """UNet keyword tensors (cross-attention context, class labels) for a batch."""
-        return self.conditioner(batch, train)
+        """Denoiser keyword tensors (cross-attention context, class labels, ``concat``)."""
+        return {**self.conditioner(batch, train), **self.spatial_condition(batch, train)}
 
     def diffusion_loss(
         self,
@@ -202,7 +208,7 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
         noise = noise.to(device)
         z_t = process.q_sample(z0, t, noise)
         network_input, time = process.network_input(z_t, t)
-        output = self.unet(
+        output = self.denoiser(
             to_memory_format(network_input, self.hparams.channels_last), time, **cond
         ).float()
         per_sample = F.mse_loss(
@@ -290,6 +296,7 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
         image_size: int | None = None,
         init_images: torch.Tensor | None = None,
         strength: float = 1.0,
+        spatial: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``n`` images ``[n, 3, H, W]`` in [-1, 1]: sample latents, divide by the scale, decode.
 
@@ -311,7 +318,9 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
         with the checkpoint. ``image_size``: samples of that size (None: the training size;
         :mod:`~ldm_lightning.models.canvas`). ``init_images`` ``[1 or n, 3, H, W]``: edit them by
         SDEdit at ``strength`` (0: their reconstruction, 1: sampling from noise;
-        :mod:`~ldm_lightning.diffusion.img2img`).
+        :mod:`~ldm_lightning.diffusion.img2img`). A model with a spatial condition takes its
+        pixel inputs (``spatial``, 1 or n items; :mod:`ldm_lightning.models.spatial`), guided
+        against its null.
         """
         self.latent_norm.check_fitted()
         settings = self.sampling_settings(sampler, steps, eta, timestep_spacing)
@@ -328,10 +337,11 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
         cond, uncond = self.conditioner.for_sampling(
             n, labels, prompts, negative_prompts, unconditional
         )
-        cond = {k: v.to(self.device) for k, v in cond.items()}
-        uncond = {k: v.to(self.device) for k, v in uncond.items()}
+        spatial_cond, spatial_uncond = self.spatial_for_sampling(n, spatial)
+        cond = {**{k: v.to(self.device) for k, v in cond.items()}, **spatial_cond}
+        uncond = {**{k: v.to(self.device) for k, v in uncond.items()}, **spatial_uncond}
         model_fn = classifier_free_guidance(
-            self.unet,
+            self.denoiser,
             guidance_scale,
             cond,
             uncond,
@@ -371,7 +381,7 @@ class LatentDiffusionModule(SafeLoading, Canvas, LatentSpace, pl.LightningModule
     def log_images(self, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
         """A fixed-seed sample grid and a denoising trajectory (predicted x0 along the steps)."""
         n = self.hparams.num_log_images
-        condition = self.conditioner.sampling_inputs(batch, n)
+        condition = self.conditioner.sampling_inputs(batch, n) | self.spatial_examples(batch, n)
         images, trajectory = self.sample(n=n, seed=0, return_trajectory=True, **condition)
         columns = min(8, len(trajectory))
         picks = torch.linspace(0, len(trajectory) - 1, columns).round().long().tolist()

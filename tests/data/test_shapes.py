@@ -42,6 +42,19 @@ def test_caption_and_label_describe_the_pixels() -> None:
     assert image[:, 0, 0].tolist() == list(BACKGROUND_COLOURS["gray"])
 
 
+def test_the_segmentation_is_the_shape_where_it_covers_half_a_pixel() -> None:
+    dataset = ShapesDataset(8, 32, "val")
+    for index in range(8):
+        item, spec = dataset[index], dataset.spec(index)
+        assert item["segmentation"].dtype == torch.long
+        assert torch.equal(item["segmentation"], torch.from_numpy(shape_mask(spec, 32) >= 0.5))
+        pixels = ((item["image"] + 1) / 2 * 255).round()
+        inside = item["segmentation"].bool() & torch.from_numpy(shape_mask(spec, 32) == 1)
+        colour = torch.tensor(SHAPE_COLOURS[spec.colour], dtype=torch.float32)
+        assert (colour == pixels[:, inside].T).all()
+        assert torch.equal(item["image"], render(spec, 32))
+
+
 @pytest.mark.parametrize(
     "shape,area",
     [("circle", np.pi * 0.3**2), ("square", 2 * 0.3**2), ("triangle", 3 * np.sqrt(3) / 4 * 0.3**2)],
