@@ -183,7 +183,7 @@ class LatentCache:
         shard_index = bisect.bisect_right(self._starts, index) - 1
         shard, row = self.shard(shard_index), index - self._starts[shard_index]
         source = shard["latents_flipped" if flipped else "latents"]
-        return source[row], int(shard["labels"][row]), read_caption(shard, row)
+        return source[row], int(shard["labels"].numpy()[row]), read_caption(shard, row)
 
     def read(self, name: str) -> Tensor:
         """A whole field (``latents``, ``latents_flipped``, ``labels``) concatenated in memory:

@@ -19,8 +19,9 @@ class LatentDataset(CaptionedDataset):
     ``flip(E(x))`` is generally not a latent the decoder maps to ``flip(x)``.
 
     Items are read from the cache's memory-mapped shards one at a time, so the dataset holds
-    no latents itself and pickles small for DataLoader workers; each item is a copy, so nothing
-    downstream writes into the mapped files' pages.
+    no latents itself and pickles small for DataLoader workers. A float32 item is a view of the
+    mapping (the collate copies it into the batch); the mapping is private, so writing into an
+    item changes that process's copy of the page, never the file.
     """
 
     def __init__(self, cache: LatentCache, random_flip: bool = False,
@@ -43,4 +44,4 @@ class LatentDataset(CaptionedDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         flipped = self.random_flip and bool(torch.randint(2, (), generator=self.generator).item())
         latent, label, caption = self.cache.item(index, flipped)
-        return {"latent": latent.to(torch.float32, copy=True), "label": label, "caption": caption}
+        return {"latent": latent.float(), "label": label, "caption": caption}

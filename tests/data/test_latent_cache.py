@@ -283,7 +283,11 @@ def test_shard_tensors_are_views_of_the_mapped_file(tmp_path):
     mapped = [line.split()[0].split("-") for line in maps if line.endswith(path)]
     assert any(int(lo, 16) <= latents.data_ptr() < int(hi, 16) for lo, hi in mapped)
     item = LatentDataset(cache)[8]["latent"]
-    assert item.data_ptr() != latents.data_ptr()  # items are copies: nothing writes into the map
+    assert item.data_ptr() == latents.data_ptr()  # item 8: row 0 of shard 1, not a copy
+    item += 1.0  # a private mapping: the file keeps its bytes
+    assert LatentCache.load(cache.path, key()) is not None
+    torch.testing.assert_close(load_file(path)["latents"], pool(TinyImages().images[8:16]),
+                               rtol=0, atol=0)
 
 
 def test_flipped_latents_are_encodings_of_flipped_images(tmp_path):
