@@ -18,10 +18,9 @@ class LatentDataset(CaptionedDataset):
     wrong: the encoder is not exactly flip-equivariant and a VQ code not at all, so
     ``flip(E(x))`` is generally not a latent the decoder maps to ``flip(x)``.
 
-    Items are read from the cache's memory-mapped shards one at a time, so the dataset holds
-    no latents itself and pickles small for DataLoader workers. A float32 item is a view of the
-    mapping (the collate copies it into the batch); the mapping is private, so writing into an
-    item changes that process's copy of the page, never the file.
+    Items are read from the cache's memory-mapped shards when asked for, so the dataset holds
+    no latents itself and pickles small for DataLoader workers. A DataLoader fetches a batch's
+    items through :meth:`__getitems__`, in one call (:meth:`LatentCache.items`).
     """
 
     def __init__(self, cache: LatentCache, random_flip: bool = False,
@@ -42,6 +41,14 @@ class LatentDataset(CaptionedDataset):
         return self.cache.captions()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        flipped = self.random_flip and bool(torch.randint(2, (), generator=self.generator).item())
-        latent, label, caption = self.cache.item(index, flipped)
-        return {"latent": latent.float(), "label": label, "caption": caption}
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Items ``indices`` (what ``DataLoader`` asks for per batch), for its collate."""
+        flipped = None
+        if self.random_flip:
+            flipped = torch.randint(2, (len(indices),), generator=self.generator).bool().tolist()
+        latents, labels, captions = self.cache.items(indices, flipped)
+        return [{"latent": z, "label": label, "caption": caption}
+                for z, label, caption in zip(latents.float().unbind(0), labels, captions,
+                                             strict=True)]

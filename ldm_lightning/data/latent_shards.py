@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -243,7 +244,7 @@ class ShardWriter:
                                      bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
 
 
-def read_caption(shard: dict[str, Tensor], row: int) -> str:
-    """Caption ``row`` of an opened shard (through numpy views: no tensor ops per item)."""
-    offsets = shard["caption_offsets"].numpy()
-    return shard["caption_bytes"].numpy()[offsets[row]:offsets[row + 1]].tobytes().decode("utf-8")
+def read_caption(shard: Mapping[str, np.ndarray], row: int) -> str:
+    """Caption ``row`` of a shard given as numpy views of its tensors."""
+    offsets = shard["caption_offsets"]
+    return shard["caption_bytes"][offsets[row]:offsets[row + 1]].tobytes().decode("utf-8")
