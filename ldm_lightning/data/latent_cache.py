@@ -50,9 +50,9 @@ from ldm_lightning.data.latent_shards import (
     MANIFEST,
     Manifest,
     ShardWriter,
+    cache_problem,
     open_shard,
     read_caption,
-    shard_problem,
 )
 from ldm_lightning.diffusion.latent_norm import LatentStats
 from ldm_lightning.utils.hashing import text_sha256
@@ -241,33 +241,12 @@ class LatentCache:
             log.warning("latent cache %s has an unusable manifest (%s); it will be rebuilt",
                         path, err)
             return None
-        reason = _invalid_reason(path, manifest, expected_key, expected_length, checksum)
+        reason = cache_problem(path, manifest, expected_key.to_dict(), expected_key.digest(),
+                               expected_length, checksum)
         if reason is not None:
             log.warning("latent cache %s is invalid: %s; it will be rebuilt", path, reason)
             return None
         return cls(expected_key, path, manifest)
-
-
-def _invalid_reason(path: Path, manifest: Manifest, key: CacheKey, expected_length: int | None,
-                    checksum: bool) -> str | None:
-    """Why a cache with this manifest cannot be used, or None when it is valid."""
-    expected = key.to_dict()
-    if manifest.key != expected:
-        stored = manifest.key if isinstance(manifest.key, dict) else {}
-        diff = sorted(k for k in set(expected) | set(stored) if stored.get(k) != expected.get(k))
-        return f"stored key differs from the expected key in {diff}"
-    if manifest.flip != key.flip:
-        return f"key.flip={key.flip} but the manifest says flip={manifest.flip}"
-    if expected_length is not None and manifest.count != expected_length:
-        return f"it holds {manifest.count} latents but the dataset has {expected_length} items"
-    if len(manifest.latent_shape) != 3 or not len(manifest.mean) == len(manifest.std) == (
-            manifest.latent_shape[0]):
-        return f"latent shape {manifest.latent_shape} and mean/std do not agree"
-    for index, info in enumerate(manifest.shards):
-        reason = shard_problem(path, index, info, manifest, key.digest(), checksum)
-        if reason is not None:
-            return reason
-    return None
 
 
 def _collate(items: list[dict[str, Any]]) -> tuple[Tensor, Tensor, list[str]]:

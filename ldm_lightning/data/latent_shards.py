@@ -143,6 +143,28 @@ def shard_problem(directory: Path, index: int, info: ShardInfo, manifest: Manife
     return None
 
 
+def cache_problem(directory: Path, manifest: Manifest, key: Mapping[str, Any], key_digest: str,
+                  expected_length: int | None, checksum: bool) -> str | None:
+    """Why the cache in ``directory`` with this manifest cannot be used for ``key`` (a
+    ``CacheKey`` as a dict, and its digest), or None when it is valid."""
+    if manifest.key != key:
+        stored = manifest.key if isinstance(manifest.key, dict) else {}
+        diff = sorted(k for k in set(key) | set(stored) if stored.get(k) != key.get(k))
+        return f"stored key differs from the expected key in {diff}"
+    if manifest.flip != key["flip"]:
+        return f"key.flip={key['flip']} but the manifest says flip={manifest.flip}"
+    if expected_length is not None and manifest.count != expected_length:
+        return f"it holds {manifest.count} latents but the dataset has {expected_length} items"
+    if len(manifest.latent_shape) != 3 or not len(manifest.mean) == len(manifest.std) == (
+            manifest.latent_shape[0]):
+        return f"latent shape {manifest.latent_shape} and mean/std do not agree"
+    for index, info in enumerate(manifest.shards):
+        reason = shard_problem(directory, index, info, manifest, key_digest, checksum)
+        if reason is not None:
+            return reason
+    return None
+
+
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
