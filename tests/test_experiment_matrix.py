@@ -176,5 +176,6 @@ def test_experiment_trains_on_datamodule(
     metrics = train(cfg)
     assert math.isfinite(metrics[cfg.optimized_metric])
     if cfg.data.cache_latents:
-        cached = sorted(p.name.split("-")[1] for p in Path(cfg.data.cache_dir).glob("*.pt"))
+        manifests = Path(cfg.data.cache_dir).glob("*/manifest.json")
+        cached = sorted(p.parent.name.split("-")[1] for p in manifests)
         assert cached == ["test", "train", "val"]

@@ -43,7 +43,7 @@ class RankProbe(pl.Callback):
             first_timesteps=torch.randint(0, 1000, (8,), generator=clone).tolist(),
             scale_factor=pl_module.scale_factor,
             train_latents=tensors_sha256(
-                {"latents": trainer.datamodule.datasets["train"].cache.latents}
+                {"latents": trainer.datamodule.datasets["train"].cache.read("latents")}
             ),
         )
 

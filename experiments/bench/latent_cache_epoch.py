@@ -109,6 +109,8 @@ def main() -> None:
         with torch.inference_mode():
             return model(images)
 
+    fly_s = timed_epoch(DataLoader(dataset, batch_size=args.batch_size, shuffle=True),
+                        encode_on_the_fly, abar, device)
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = args.cache_dir or tmp
         start = time.perf_counter()
@@ -116,25 +118,23 @@ def main() -> None:
                                    device=device, dtype=getattr(torch, args.dtype),
                                    progress=False)
         build_s = time.perf_counter() - start
-        file_mb = cache.path.stat().st_size / 2**20
+        file_mb = sum(shard.bytes for shard in cache.manifest.shards) / 2**20
         start = time.perf_counter()
         build_latent_cache(model, dataset, cache_dir, key, progress=False)
         reload_s = time.perf_counter() - start
-
-    fly_s = timed_epoch(DataLoader(dataset, batch_size=args.batch_size, shuffle=True),
-                        encode_on_the_fly, abar, device)
-    cached = DataLoader(LatentDataset(cache, random_flip=True), batch_size=args.batch_size,
-                        shuffle=True)
-    cache_s = timed_epoch(cached, lambda b: b["latent"].to(device), abar, device)
-    mirrored = cache.latents.flip(-1)
-    differ = (cache.latents_flipped != mirrored).any(dim=1).float().mean().item()
+        # The shards are read from disk on demand: the epoch runs while they exist.
+        cached = DataLoader(LatentDataset(cache, random_flip=True), batch_size=args.batch_size,
+                            shuffle=True)
+        cache_s = timed_epoch(cached, lambda b: b["latent"].to(device), abar, device)
+        latents, flipped = cache.read("latents"), cache.read("latents_flipped")
+    differ = (flipped != latents.flip(-1)).any(dim=1).float().mean().item()
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"device {device} ({platform.processor() or platform.machine()}, "
           f"{args.threads} threads), torch {torch.__version__}")
     print(f"encoder: ch={args.ch} ch_mult={args.ch_mult} res_blocks={args.res_blocks}, "
           f"{params:.2f} M params, VQ codebook {args.n_embed}x{args.z_channels}; "
-          f"{args.n} images {args.image_size}px -> latents {tuple(cache.latents.shape[1:])} "
+          f"{args.n} images {args.image_size}px -> latents {tuple(latents.shape[1:])} "
           f"{args.dtype}, batch {args.batch_size}")
     print()
     print("| measure | seconds |")

@@ -2,14 +2,18 @@
 
 The first stage is frozen while the diffusion model trains (LDM sec. 3.2), so ``z = E(x)``
 of every training image is the same each epoch. Encoding it once and reading ``z`` from
-memory afterwards removes the encoder from the training loop.
+disk afterwards removes the encoder from the training loop.
 
-A cache file is named by a :class:`CacheKey` (autoencoder weights hash, dataset, split,
-transforms, flip), so a new autoencoder or new transforms give a new file and old latents
+A cache directory is named by a :class:`CacheKey` (autoencoder weights hash, dataset, split,
+transforms, flip), so a new autoencoder or new transforms give a new cache and old latents
 are never silently reused. The weights hash is :func:`~ldm_lightning.utils.hashing.file_sha256`
 of the checkpoint, or :func:`~ldm_lightning.utils.hashing.state_dict_sha256` of a module
-built in memory. Files are written atomically and validated on load (format,
-key, shapes, checksum); anything that fails is rebuilt, never trusted.
+built in memory. The latents are stored as memory-mapped safetensors shards plus a manifest
+written last (:mod:`ldm_lightning.data.latent_shards`), so no process loads the cache whole:
+ImageNet's 1.28M latents of 4x32x32 (x2 with flips, ~40 GB) are read on demand and their
+pages shared through the page cache by every worker and rank of a node. Every file is written
+atomically and validated on load (manifest, key, shard sizes, headers, sha256); anything that
+fails is rebuilt, never trusted.
 
 Typical use (one process)::
 
@@ -28,27 +32,32 @@ With several ranks only rank 0 encodes and writes; the others load after a barri
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lightning.data.latent_shards import (
+    MANIFEST,
+    Manifest,
+    ShardWriter,
+    cache_problem,
+    open_shard,
+    read_caption,
+)
 from ldm_lightning.diffusion.latent_norm import LatentStats
-from ldm_lightning.utils.atomic import atomic_torch_save
-from ldm_lightning.utils.hashing import tensors_sha256, text_sha256
+from ldm_lightning.utils.hashing import text_sha256
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-_FIELDS = ("format_version", "key", "latents", "latents_flipped", "labels", "captions",
-           "mean", "std", "sha256")
 
 EncodeFn = Callable[[Tensor], Tensor]
 
@@ -101,57 +110,58 @@ class CacheKey:
         """Hex sha256 of :meth:`canonical_json`."""
         return text_sha256(self.canonical_json())
 
-    def filename(self) -> str:
-        """``<dataset>-<split>-<digest[:16]>.pt``."""
-        return f"{self.dataset}-{self.split}-{self.digest()[:16]}.pt"
+    def dirname(self) -> str:
+        """``<dataset>-<split>-<digest[:16]>``: the cache directory's name."""
+        return f"{self.dataset}-{self.split}-{self.digest()[:16]}"
 
 
 def cache_path(cache_dir: str | os.PathLike, key: CacheKey) -> Path:
-    """Where the cache for ``key`` lives under ``cache_dir``."""
-    return Path(cache_dir) / key.filename()
+    """The directory of the cache for ``key`` under ``cache_dir``."""
+    return Path(cache_dir) / key.dirname()
 
 
-def _checksum(latents: Tensor, latents_flipped: Tensor | None, labels: Tensor,
-              captions: list[str]) -> str:
-    return tensors_sha256((latents, latents_flipped, labels), json.dumps(captions))
-
-
-def _channel_stats(latents: Tensor, latents_flipped: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and (population) std over all cached latents, [C] each, float32."""
-    stats = LatentStats.of(z for z in (latents, latents_flipped) if z is not None)
-    return stats.mean().float(), stats.std().float()
-
-
-@dataclass
 class LatentCache:
-    """Latents of one dataset split, in memory.
+    """Latents of one dataset split, read from their shards on demand.
+
+    Holds the validated manifest and, once items are read, the shards' tensors as views of
+    their ``mmap`` (:func:`~ldm_lightning.data.latent_shards.open_shard`): nothing is loaded
+    whole. Pickling (for spawned DataLoader workers and ranks) drops the opened shards, so a
+    pickled cache is a few kilobytes and each process maps the files again.
 
     Attributes:
         key: what the latents were computed from.
-        path: the file they were read from or written to.
-        latents: ``[N, C, h, w]``, ``E(x_i)`` for the dataset's images in order.
-        latents_flipped: ``[N, C, h, w]``, ``E(flip(x_i))``, or None when ``key.flip`` is False.
-        labels: ``[N]`` long.
-        captions: ``N`` strings.
+        path: the cache directory.
+        manifest: its :class:`~ldm_lightning.data.latent_shards.Manifest`.
         mean, std: ``[C]`` per-channel statistics over all stored latents (both flips).
     """
 
-    key: CacheKey
-    path: Path
-    latents: Tensor
-    latents_flipped: Tensor | None
-    labels: Tensor
-    captions: list[str]
-    mean: Tensor
-    std: Tensor
+    def __init__(self, key: CacheKey, path: Path, manifest: Manifest) -> None:
+        self.key = key
+        self.path = path
+        self.manifest = manifest
+        self.mean = torch.tensor(manifest.mean)
+        self.std = torch.tensor(manifest.std)
+        counts = [s.count for s in manifest.shards]
+        self._starts = [sum(counts[:i]) for i in range(len(counts))]
+        self._shards: dict[int, dict[str, Tensor]] = {}
+        self._numpy: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
-        return self.latents.shape[0]
+        return self.manifest.count
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_shards": {}, "_numpy": {}}
+
+    @property
+    def has_flipped(self) -> bool:
+        """Whether ``E(flip(x))`` is stored beside ``E(x)`` (``key.flip``)."""
+        return self.manifest.flip
 
     @property
     def stats(self) -> LatentStats:
         """Statistics of all stored latents (both flips), from the per-channel mean and std."""
-        per_channel = self.latents[:, 0].numel() * (1 if self.latents_flipped is None else 2)
+        shape = self.manifest.latent_shape
+        per_channel = len(self) * shape[1] * shape[2] * (2 if self.has_flipped else 1)
         return LatentStats.from_moments(self.mean, self.std, per_channel)
 
     @property
@@ -160,86 +170,83 @@ class LatentCache:
         rescaling LDM applies before diffusion (appendix G), over the whole cache."""
         return self.stats.inverse_std()
 
-    def save(self) -> None:
-        """Write to :attr:`path` atomically (:func:`~ldm_lightning.utils.atomic.atomic_write`).
+    def shard(self, index: int) -> dict[str, Tensor]:
+        """The tensors of shard ``index`` (mapped on first use in this process)."""
+        if index not in self._shards:
+            self._shards[index] = open_shard(self.path / self.manifest.shards[index].file)
+        return self._shards[index]
 
-        A run killed mid-write leaves only a hidden tmp file, which :meth:`load` never reads.
-        """
-        payload = {
-            "format_version": FORMAT_VERSION,
-            "key": self.key.to_dict(),
-            "latents": self.latents,
-            "latents_flipped": self.latents_flipped,
-            "labels": self.labels,
-            "captions": list(self.captions),
-            "mean": self.mean,
-            "std": self.std,
-            "sha256": _checksum(self.latents, self.latents_flipped, self.labels, self.captions),
-        }
-        atomic_torch_save(payload, self.path)
+    def items(self, indices: Sequence[int], flipped: Sequence[bool] | None = None,
+              ) -> tuple[Tensor, list[int], list[str]]:
+        """Latents ``[B, C, h, w]`` (storage dtype, copied out of the mapped files), labels and
+        captions of items ``indices``; ``flipped[b]`` reads ``E(flip(x))`` for item ``b``.
+
+        A loop of numpy row copies: a few microseconds an item, where per-item torch
+        indexing costs several times that."""
+        n = len(self)
+        latents = torch.empty((len(indices), *self.manifest.latent_shape),
+                              dtype=getattr(torch, self.manifest.dtype))
+        out = latents.reshape(len(indices), -1).view(torch.uint8).numpy()
+        labels, captions = [], []
+        for b, index in enumerate(indices):
+            if not -n <= index < n:
+                raise IndexError(f"index {index} out of range for a cache of {n} latents")
+            index %= n
+            shard_index = bisect.bisect_right(self._starts, index) - 1
+            views, row = self._views(shard_index), index - self._starts[shard_index]
+            out[b] = views["latents_flipped" if flipped is not None and flipped[b]
+                           else "latents"][row]
+            labels.append(int(views["labels"][row]))
+            captions.append(read_caption(views, row))
+        return latents, labels, captions
+
+    def _views(self, index: int) -> dict[str, np.ndarray]:
+        """Shard ``index`` as numpy views (latents as rows of bytes), made once per process."""
+        if index not in self._numpy:
+            self._numpy[index] = {
+                name: t.reshape(t.shape[0], -1).view(torch.uint8).numpy() if t.ndim == 4
+                else t.numpy() for name, t in self.shard(index).items()}
+        return self._numpy[index]
+
+    def read(self, name: str) -> Tensor:
+        """A whole field (``latents``, ``latents_flipped``, ``labels``) concatenated in memory:
+        for small caches, checks and analysis, never for training on a large one."""
+        if name not in ("latents", "latents_flipped", "labels") or (
+                name == "latents_flipped" and not self.has_flipped):
+            raise KeyError(f"no field {name!r} in {self.path} (flip={self.has_flipped})")
+        return torch.cat([self.shard(i)[name] for i in range(len(self.manifest.shards))])
+
+    def captions(self) -> list[str]:
+        """Every caption in item order."""
+        return [read_caption(self._views(i), row)
+                for i, info in enumerate(self.manifest.shards) for row in range(info.count)]
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_key: CacheKey,
-             expected_length: int | None = None) -> LatentCache | None:
-        """Read and validate a cache file; None (with a logged warning) if it cannot be trusted.
+             expected_length: int | None = None, checksum: bool = True) -> LatentCache | None:
+        """Open and validate a cache directory; None (with a logged reason) if it cannot be trusted.
 
-        Checked: the file loads (a truncated or corrupt file does not), format version, the
-        stored key equals ``expected_key``, shapes agree (``N`` latents, labels, captions;
-        flipped latents present exactly when ``key.flip``), ``N == expected_length`` when
-        given, and the checksum of the stored latents, labels and captions.
+        Checked: the manifest exists (a build killed between shards leaves none) and parses,
+        its format version, its key equals ``expected_key``, ``N == expected_length`` when
+        given, and every shard (size, key digest and index in its metadata, tensor shapes and,
+        when ``checksum``, its sha256: a full read of the cache).
         """
         path = Path(path)
-        if not path.is_file():
-            log.info("no latent cache at %s", path)
+        if not (path / MANIFEST).is_file():
+            log.info("no complete latent cache at %s (no %s)", path, MANIFEST)
             return None
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure to unpickle means "corrupt"
-            log.warning("latent cache %s is corrupt or truncated (%s: %s); it will be rebuilt",
-                        path, type(err).__name__, err)
+            manifest = Manifest.read(path)
+        except (ValueError, OSError) as err:
+            log.warning("latent cache %s has an unusable manifest (%s); it will be rebuilt",
+                        path, err)
             return None
-        reason = _invalid_reason(data, expected_key, expected_length)
+        reason = cache_problem(path, manifest, expected_key.to_dict(), expected_key.digest(),
+                               expected_length, checksum)
         if reason is not None:
             log.warning("latent cache %s is invalid: %s; it will be rebuilt", path, reason)
             return None
-        return cls(key=expected_key, path=path, latents=data["latents"],
-                   latents_flipped=data["latents_flipped"], labels=data["labels"],
-                   captions=data["captions"], mean=data["mean"], std=data["std"])
-
-
-def _invalid_reason(data: Any, key: CacheKey, expected_length: int | None) -> str | None:
-    """Why a loaded payload cannot be used, or None when it is valid."""
-    if not isinstance(data, dict) or not set(_FIELDS) <= set(data):
-        fields = sorted(data) if isinstance(data, dict) else type(data).__name__
-        return f"expected a dict with fields {list(_FIELDS)}, got {fields}"
-    if data["format_version"] != FORMAT_VERSION:
-        return f"format_version {data['format_version']!r}, expected {FORMAT_VERSION}"
-    expected = key.to_dict()
-    if data["key"] != expected:
-        stored = data["key"] if isinstance(data["key"], dict) else {}
-        diff = sorted(k for k in set(expected) | set(stored) if stored.get(k) != expected.get(k))
-        return f"stored key differs from the expected key in {diff}"
-    latents, flipped, labels = data["latents"], data["latents_flipped"], data["labels"]
-    captions, mean, std = data["captions"], data["mean"], data["std"]
-    if not isinstance(latents, Tensor) or latents.ndim != 4:
-        return "latents are not a [N, C, h, w] tensor"
-    n, c = latents.shape[:2]
-    if key.flip != isinstance(flipped, Tensor):
-        return f"key.flip={key.flip} but latents_flipped is {type(flipped).__name__}"
-    if flipped is not None and (flipped.shape != latents.shape or flipped.dtype != latents.dtype):
-        return (f"latents_flipped {tuple(flipped.shape)} does not match "
-                f"latents {tuple(latents.shape)}")
-    if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.dtype != torch.long:
-        return f"labels are not a LongTensor [{n}]"
-    if not isinstance(captions, list) or len(captions) != n:
-        return f"captions are not a list of {n} strings"
-    if not all(isinstance(s, Tensor) and s.shape == (c,) for s in (mean, std)):
-        return f"mean/std are not tensors of shape [{c}]"
-    if expected_length is not None and n != expected_length:
-        return f"it holds {n} latents but the dataset has {expected_length} items"
-    if data["sha256"] != _checksum(latents, flipped, labels, captions):
-        return "checksum mismatch (the stored tensors were altered)"
-    return None
+        return cls(expected_key, path, manifest)
 
 
 def _collate(items: list[dict[str, Any]]) -> tuple[Tensor, Tensor, list[str]]:
@@ -277,12 +284,15 @@ def encode_dataset(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    shard_size: int | None = None,
 ) -> LatentCache:
-    """Encode every image of ``dataset`` in order (no shuffle) under ``torch.inference_mode``.
+    """Encode every image of ``dataset`` in order (no shuffle) under ``torch.inference_mode``
+    and write the latents as shards into the directory ``path`` as they come.
 
     With ``key.flip`` each image is also encoded mirrored: ``E(flip(x))`` is stored
     beside ``E(x)`` because a horizontal flip of the image is not a flip of its latent in
     general (a conv encoder is only approximately flip-equivariant, a VQ code not at all).
+    Memory is one shard (``shard_size`` latents; default about 64 MiB), whatever the dataset.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -296,26 +306,20 @@ def encode_dataset(
             loader = tqdm(loader, desc=f"encoding {key.dataset}/{key.split}", unit="batch")
         except ImportError:
             log.info("tqdm not installed; encoding without a progress bar")
-    chunks, flipped_chunks, label_chunks, captions = [], [], [], []
+    writer = ShardWriter(path, key.digest(), shard_size)
+    stats = None
     with torch.inference_mode():
-        for images, labels, batch_captions in loader:
-            chunks.append(_encode(encode_fn, images, device).to(dtype))
-            if key.flip:
-                flipped_chunks.append(_encode(encode_fn, images.flip(-1), device).to(dtype))
-            label_chunks.append(labels)
-            captions.extend(batch_captions)
-    if not chunks:
+        for images, labels, captions in loader:
+            latents = _encode(encode_fn, images, device).to(dtype)
+            flipped = (_encode(encode_fn, images.flip(-1), device).to(dtype) if key.flip
+                       else None)
+            batch = LatentStats.of(z for z in (latents, flipped) if z is not None)
+            stats = batch if stats is None else stats + batch
+            writer.add(latents, flipped, labels, captions)
+    if stats is None:
         raise ValueError(f"dataset {key.dataset}/{key.split} is empty; nothing to cache")
-    shapes = {tuple(z.shape[1:]) for z in chunks}
-    if len(shapes) != 1:
-        raise ValueError(f"encode_fn returned latents of different shapes {sorted(shapes)}; "
-                         "all images of a split must have the same size")
-    # torch.cat outside inference mode gives normal tensors that autograd may save later.
-    latents = torch.cat(chunks)
-    latents_flipped = torch.cat(flipped_chunks) if key.flip else None
-    mean, std = _channel_stats(latents, latents_flipped)
-    return LatentCache(key=key, path=path, latents=latents, latents_flipped=latents_flipped,
-                       labels=torch.cat(label_chunks), captions=captions, mean=mean, std=std)
+    manifest = writer.finish(key.to_dict(), stats.mean().float(), stats.std().float())
+    return LatentCache(key, path, manifest)
 
 
 def build_latent_cache(
@@ -330,8 +334,9 @@ def build_latent_cache(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    shard_size: int | None = None,
 ) -> LatentCache:
-    """Load the valid cache for ``key`` from ``cache_dir``, or encode ``dataset`` and write it.
+    """Open the valid cache for ``key`` under ``cache_dir``, or encode ``dataset`` and write it.
 
     Args:
         encode_fn: images ``[B, 3, H, W]`` in [-1, 1] -> latents ``[B, C, h, w]``; must be
@@ -340,34 +345,42 @@ def build_latent_cache(
         dataset: yields ``{"image": [3, H, W], "label": int, "caption": str}`` in a fixed
             order with deterministic transforms; random augmentation would be frozen into
             the cache (use ``key.flip`` for flips).
-        cache_dir: directory of cache files, created if missing.
-        key: names the file; see :class:`CacheKey`.
+        cache_dir: directory of caches, created if missing; each cache is a subdirectory.
+        key: names the cache; see :class:`CacheKey`.
         dtype: storage dtype of the latents (float16 halves memory and disk).
-        rank, world_size: only rank 0 encodes and writes. Other ranks only load and raise
-            if the file is missing or invalid, so call them after a barrier that follows
-            rank 0's build.
+        rank, world_size: only rank 0 encodes and writes, and only rank 0 verifies the
+            shards' sha256 (a full read); the other ranks check the manifest and the shards'
+            sizes and headers, and raise if the cache is missing or invalid, so call them after
+            a barrier that follows rank 0's build.
+        shard_size: latents per shard when writing (default: about 64 MiB per shard).
 
     Returns:
-        The cache; ``encode_fn`` is not called when a valid file already exists. A file
-        that fails validation (see :meth:`LatentCache.load`) is rebuilt and replaced.
+        The cache; ``encode_fn`` is not called when a valid cache already exists. One that
+        fails validation (see :meth:`LatentCache.load`) is rebuilt and replaced. A cache in
+        the single-file format of earlier versions (``<name>.pt``) is not read: it is
+        rebuilt as shards, with a log line naming the old file, which is left in place.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     path = cache_path(cache_dir, key)
     expected_length = len(dataset) if hasattr(dataset, "__len__") else None
-    cache = LatentCache.load(path, key, expected_length)
+    cache = LatentCache.load(path, key, expected_length, checksum=rank == 0)
     if cache is not None:
         return cache
     if rank != 0:
         raise RuntimeError(
             f"rank {rank}: no valid latent cache at {path}. Only rank 0 builds it: call "
             "build_latent_cache on rank 0, then torch.distributed.barrier(), then on the "
-            "other ranks (the warning above, if any, says why the file was rejected)"
+            "other ranks (the warning above, if any, says why the cache was rejected)"
         )
+    legacy = path.with_name(path.name + ".pt")
+    if legacy.is_file():
+        log.warning("latent cache %s is in the single-file format of earlier versions, which "
+                    "is loaded whole into memory; it is not read but rebuilt as shards in %s "
+                    "(delete the old file to free its disk space)", legacy, path)
     cache = encode_dataset(encode_fn, dataset, key, path, batch_size=batch_size,
                            num_workers=num_workers, device=device, dtype=dtype,
-                           progress=progress)
-    cache.save()
-    log.info("wrote latent cache %s: %d latents of shape %s", path, len(cache),
-             tuple(cache.latents.shape[1:]))
+                           progress=progress, shard_size=shard_size)
+    log.info("wrote latent cache %s: %d latents of shape %s in %d shards", path, len(cache),
+             tuple(cache.manifest.latent_shape), len(cache.manifest.shards))
     return cache

@@ -17,11 +17,15 @@ class LatentDataset(CaptionedDataset):
     both encoded from pixels by :func:`encode_dataset`. Flipping the latent itself would be
     wrong: the encoder is not exactly flip-equivariant and a VQ code not at all, so
     ``flip(E(x))`` is generally not a latent the decoder maps to ``flip(x)``.
+
+    Items are read from the cache's memory-mapped shards when asked for, so the dataset holds
+    no latents itself and pickles small for DataLoader workers. A DataLoader fetches a batch's
+    items through :meth:`__getitems__`, in one call (:meth:`LatentCache.items`).
     """
 
     def __init__(self, cache: LatentCache, random_flip: bool = False,
                  generator: torch.Generator | None = None) -> None:
-        if random_flip and cache.latents_flipped is None:
+        if random_flip and not cache.has_flipped:
             raise ValueError(
                 f"random_flip=True needs flipped latents, but {cache.path} was built with "
                 "key.flip=False; rebuild with CacheKey(..., flip=True) or set random_flip=False"
@@ -29,18 +33,22 @@ class LatentDataset(CaptionedDataset):
         self.cache = cache
         self.random_flip = random_flip
         self.generator = generator
-        # Python ints and strs per item, so __getitem__ only indexes.
-        self._labels = cache.labels.tolist()
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def captions(self) -> list[str]:
-        return list(self.cache.captions)
+        return self.cache.captions()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        source = self.cache.latents
-        if self.random_flip and torch.randint(2, (), generator=self.generator).item():
-            source = self.cache.latents_flipped
-        return {"latent": source[index].float(), "label": self._labels[index],
-                "caption": self.cache.captions[index]}
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Items ``indices`` (what ``DataLoader`` asks for per batch), for its collate."""
+        flipped = None
+        if self.random_flip:
+            flipped = torch.randint(2, (len(indices),), generator=self.generator).bool().tolist()
+        latents, labels, captions = self.cache.items(indices, flipped)
+        return [{"latent": z, "label": label, "caption": caption}
+                for z, label, caption in zip(latents.float().unbind(0), labels, captions,
+                                             strict=True)]

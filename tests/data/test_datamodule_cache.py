@@ -104,12 +104,12 @@ def test_cache_holds_the_images_their_mirrors_labels_and_captions(
         assert isinstance(cached, LatentDataset)
         items = [plain[i] for i in range(len(plain))]
         images = torch.stack([item["image"] for item in items])
-        torch.testing.assert_close(cached.cache.latents, images)
+        torch.testing.assert_close(cached.cache.read("latents"), images)
         if split == "train" and flip:
-            torch.testing.assert_close(cached.cache.latents_flipped, images.flip(-1))
+            torch.testing.assert_close(cached.cache.read("latents_flipped"), images.flip(-1))
         else:
-            assert cached.cache.latents_flipped is None
-        assert cached.cache.labels.tolist() == [item["label"] for item in items]
+            assert not cached.cache.has_flipped
+        assert cached.cache.read("labels").tolist() == [item["label"] for item in items]
         assert cached.captions() == [item["caption"] for item in items]
     if kind == "image_folder":
         cached_captions = data.captions("train") + data.captions("val")

@@ -223,7 +223,7 @@ def test_a_checkpoint_alone_is_enough_to_sample(ldm_run: Path, tmp_path: Path) -
 
 
 def test_run_trains_from_the_latent_cache_and_logs_images(ldm_run: Path) -> None:
-    caches = sorted(p.name for p in ldm_run.rglob("shapes-*.pt"))
+    caches = sorted(p.parent.name for p in ldm_run.rglob("shapes-*/manifest.json"))
     assert [name.split("-")[1] for name in caches] == ["test", "train", "val"]
     assert list((ldm_run / "images").glob("samples_epoch000_*.png"))
     assert list((ldm_run / "images").glob("trajectory_epoch000_*.png"))
