@@ -65,3 +65,15 @@ def test_make_shapes_concept_writes_the_colour_it_names(tmp_path: Path) -> None:
         image = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
         read = read_image(image, [*COLOUR_NAMES, "orange"])
         assert (read["colour"], read["shape"]) == ("orange", "circle")
+
+
+def test_the_latent_cache_key_changes_when_an_image_is_replaced_in_place(tmp_path: Path) -> None:
+    data = InstanceDataModule(str(instance_folder(tmp_path)), image_size=8)
+    before = data.transform_signature()
+    assert sorted(before["files"]) == [f"{i}.png" for i in range(5)]
+    assert data.transform_signature() == before
+    spec = ShapeSpec("square", "orange", "black", 0.5, 0.5, 0.3)
+    save_png(to_unit(render(spec, 8)), tmp_path / "2.png")  # same folder, same names
+    after = data.transform_signature()
+    assert after != before and after["root"] == before["root"]
+    assert [n for n in before["files"] if before["files"][n] != after["files"][n]] == ["2.png"]
