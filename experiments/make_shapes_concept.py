@@ -23,7 +23,7 @@ from ldm_lightning.data.shapes import (
     random_spec,
     render,
 )
-from ldm_lightning.utils.images import save_png
+from ldm_lightning.utils.images import save_png, to_unit
 
 
 def write_concept(
@@ -38,7 +38,7 @@ def write_concept(
         rng = np.random.default_rng((seed, index))
         spec = replace(random_spec(rng), shape=shape, colour=colour,
                        background=backgrounds[rng.integers(len(backgrounds))])
-        paths.append(save_png(render(spec, size), out / f"{index}.png"))
+        paths.append(save_png(to_unit(render(spec, size)), out / f"{index}.png"))
     return paths
 
 

@@ -590,6 +590,10 @@ FINETUNE: dict[str, Entry] = {
         "optimizer.weight_decay", "optimizer.warmup_steps", "optimizer.schedule",
         "optimizer.min_lr_ratio", "sampling", "num_log_images", "compile", "channels_last",
     )},
+    "finetune.embedding_lr": Elsewhere(
+        FINETUNE_TEST + "test_the_new_row_trains_at_embedding_lr_and_the_original_rows_stay",
+        "the new class's row takes Adam steps of embedding_lr, the other weights of base_lr",
+    ),
     "finetune.prior.weight": Elsewhere(
         FINETUNE_TEST + "test_the_loss_is_the_instance_loss_plus_lambda_times_the_prior_loss",
         "lambda of DreamBooth eq. 2: loss = instance + weight * prior",

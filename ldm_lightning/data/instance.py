@@ -19,6 +19,7 @@ from ldm_lightning.data.base import SPLITS, ImageDataModule
 from ldm_lightning.data.image_folder import IMAGE_EXTENSIONS, list_images
 from ldm_lightning.data.image_io import ImageRecord, build_dataset, check_on_corrupt
 from ldm_lightning.data.transforms import ResizeCrop
+from ldm_lightning.utils.hashing import file_sha256
 
 MIN_IMAGES, MAX_IMAGES = 3, 10
 
@@ -75,6 +76,13 @@ class InstanceDataModule(ImageDataModule):
                    "(+experiment=folder_ldm_class).")
             )
         return [ImageRecord(path=path, label=0, caption="") for path in paths]
+
+    def transform_signature(self) -> dict[str, Any]:
+        """The settings and the sha256 of every image: the latent cache keys on it, and the
+        few images of a concept are what one swaps or re-renders in place between runs, which
+        the folder's path alone would not tell from the cached latents of the old ones."""
+        files = {record.path.name: file_sha256(record.path) for record in self.records()}
+        return {**super().transform_signature(), "files": files}
 
     def build_split(self, split: str, augment: bool | None = None) -> Dataset:
         if split not in SPLITS:

@@ -7,7 +7,10 @@ concept from the 3-10 images of an :class:`~ldm_lightning.data.instance.Instance
 - class-conditional base: a new class ``new_class``; the class table of every class-embedding
   layer grows by one row (the new class gets index ``K``, the null class moves to ``K + 1``),
   initialised from the mean of the ``K`` class rows (``init_from: mean``), the null row
-  (``null``) or one class's row (its name);
+  (``null``), one class's row (its name: DreamBooth's class noun, "a [V] dog") or the mean of
+  a few named rows. Only that row of the table trains, at its own rate ``embedding_lr``: the
+  rows are ``N(0, 1)`` vectors (norm ~16 in the shapes demo), so at the network's fine-tuning
+  rate (1e-4) Adam would move it by ~1e-4 a step, nothing against its scale;
 - text-conditional base: an identifier prompt ``instance_prompt`` ("a sks circle"); the
   tokenizer is byte-level, so any identifier encodes.
 
@@ -19,7 +22,8 @@ over the instance latents under the concept's condition, and as many latents of 
 (images of the original classes sampled by the base model before training,
 :mod:`~ldm_lightning.models.prior`) under their own conditions; ``lambda = prior.weight``.
 With ``lora`` only LoRA adapters of the attention projections train (Hu et al. 2022;
-:mod:`~ldm_lightning.nn.lora`) and the new class's row; else every weight the base trained.
+:mod:`~ldm_lightning.nn.lora`) and the new class's row; else every weight the base trained but
+the original classes' rows.
 
 Checkpoints are plain LDM checkpoints (the base's hyperparameters with the grown class list;
 LoRA merged into the weights), so ``python -m ldm_lightning.sample`` and ``export`` read them as
@@ -39,6 +43,7 @@ from torch import Tensor
 from ldm_lightning.models.checkpoints import read_checkpoint, require_kind, stage_sha256
 from ldm_lightning.models.conditioning.build import conditioning_config
 from ldm_lightning.models.diffusion import LatentDiffusionModule
+from ldm_lightning.models.optim import build_optimizer
 from ldm_lightning.models.prior import PriorSpec, prior_images
 from ldm_lightning.nn.lora import (
     ATTENTION_PROJECTIONS,
@@ -54,16 +59,18 @@ ADAPTERS_KEY = "lora_adapters"
 INIT_FROM = ("mean", "null")
 
 
-def grow_class_table(table: Tensor, init_from: str | int) -> Tensor:
+def grow_class_table(table: Tensor, init_from: str | int | list[int]) -> Tensor:
     """``[K + 1, D]`` (K classes, then the null row) -> ``[K + 2, D]``: the K rows, the new
-    class's row (the mean of the K rows, the null row, or row ``init_from``), the null row."""
+    class's row (the mean of the K rows, the null row, row ``init_from``, or the mean of the
+    rows ``init_from`` lists), the null row."""
     classes, null = table[:-1], table[-1:]
     if init_from == "mean":
         new = classes.mean(0, keepdim=True)
     elif init_from == "null":
         new = null
     else:
-        new = classes[int(init_from)][None]
+        rows = [int(i) for i in (init_from if isinstance(init_from, list) else [init_from])]
+        new = classes[rows].mean(0, keepdim=True)
     return torch.cat([classes, new, null])
 
 
@@ -74,10 +81,11 @@ class FinetuneModule(LatentDiffusionModule):
         finetune: ``ckpt_path`` (the base LDM: a ``.ckpt`` or export folder),
             ``trust_checkpoint``, ``new_class`` (class-conditional base) or ``instance_prompt``
             (text-conditional base), ``init_from`` (the new class's row: ``mean`` | ``null`` | a
-            class name), ``prior`` (``weight`` lambda, ``num`` images, ``conditions``: the
-            original classes or prompts to preserve, null: every class of a class-conditional
-            base; ``guidance_scale``, ``seed``, ``dir`` of the cached images) and ``lora``
-            (null: full fine-tuning; else ``rank``, ``alpha``, ``target_modules``).
+            class name | a list of names, their mean), ``embedding_lr`` (the new row's learning
+            rate; null: the optimizer's), ``prior`` (``weight`` lambda, ``num`` images,
+            ``conditions``: the original classes or prompts to preserve, null: every class of a
+            class-conditional base; ``guidance_scale``, ``seed``, ``dir`` of the cached images)
+            and ``lora`` (null: full fine-tuning; else ``rank``, ``alpha``, ``target_modules``).
         optimizer, sampling, num_log_images, compile, channels_last: as for
             :class:`LatentDiffusionModule`; ``sampling`` None keeps the base's.
     """
@@ -111,31 +119,35 @@ class FinetuneModule(LatentDiffusionModule):
         self.lora = dict(finetune["lora"]) if finetune.get("lora") else None
         self.record = {
             "ckpt_path": str(path), "base_sha256": stage_sha256(path), "concept": self.concept,
-            "init_from": finetune.get("init_from", "mean"), "prior": self.prior_settings,
+            "init_from": finetune.get("init_from", "mean"),
+            "embedding_lr": finetune.get("embedding_lr"), "prior": self.prior_settings,
             "lora": self.lora,
         }
-        tables = self._load_base(base, self.record["init_from"])
+        self.embedding_lr = finetune.get("embedding_lr")
+        self.class_tables = self._load_base(base, self.record["init_from"])
         if self.lora:
             self.conditioner.requires_grad_(False)
             add_lora(self.unet, self.lora["rank"], self.lora["alpha"],
                      self.lora.get("target_modules") or ATTENTION_PROJECTIONS)
-            for param in tables:  # the new class's row trains; the others stay the base's
-                param.requires_grad_(True)
-                mask = torch.zeros(param.shape[0], 1)
-                mask[self.concept["index"]] = 1
-                param.register_hook(lambda grad, mask=mask: grad * mask.to(grad))
+        for param in self.class_tables:  # the new class's row trains; the others stay the base's
+            param.requires_grad_(True)
+            mask = torch.zeros(param.shape[0], 1)
+            mask[self.concept["index"]] = 1
+            param.register_hook(lambda grad, mask=mask: grad * mask.to(grad))
         self.prior_latents: Tensor | None = None
         self.prior_conditions: list[Any] = []
 
-    def _load_base(self, base: dict[str, Any], init_from: str | int | None) -> list[Tensor]:
+    def _load_base(self, base: dict[str, Any], init_from: Any) -> list[Tensor]:
         """Load the base weights, each class table grown by the new class's row; returns the
         grown tables' parameters."""
         super().on_load_checkpoint(base)
         state, own, tables = dict(base["state_dict"]), self.state_dict(), []
         if self.conditioner.condition == "class":
             init_from = "null" if init_from is None else init_from  # YAML's null: the null row
-            init = init_from if init_from in INIT_FROM else int(self.conditioner.check([init_from]))
-            if init == self.concept["index"]:
+            names = list(init_from) if isinstance(init_from, (list, tuple)) else [init_from]
+            init = init_from if init_from in INIT_FROM else [
+                int(i) for i in self.conditioner.check(names)]
+            if isinstance(init, list) and self.concept["index"] in init:
                 raise ValueError(f"model.finetune.init_from={init_from!r} is the new class: "
                                  f"name an original class, or one of {INIT_FROM}")
             parameters = dict(self.named_parameters())
@@ -224,6 +236,21 @@ class FinetuneModule(LatentDiffusionModule):
         super().on_fit_start()
 
     # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer of ``model.optimizer`` with the class tables (only the new row has a
+        gradient) in a group of their own at ``embedding_lr`` without weight decay, which
+        would shrink the original rows the gradient mask keeps."""
+        tables = {id(p) for p in self.class_tables}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in tables]
+        groups = [{"params": rest}] if rest else []
+        if self.class_tables:
+            rate = {"lr": float(self.embedding_lr)} if self.embedding_lr is not None else {}
+            groups.append({"params": list(self.class_tables), "weight_decay": 0.0, **rate})
+        optimizer, scheduler = build_optimizer(
+            self, groups, self.hparams.optimizer, self.default_optimizer
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
     def dreambooth_losses(
         self, batch: dict[str, Any], generator: torch.Generator | None = None, train: bool = True
     ) -> tuple[Tensor, Tensor | None]:

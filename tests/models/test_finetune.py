@@ -61,6 +61,8 @@ def test_the_class_table_grows_by_the_new_row_before_the_null_row() -> None:
     assert grow_class_table(table, "mean").tolist() == [[0, 1], [2, 3], [4, 5], [2, 3], [6, 7]]
     assert grow_class_table(table, "null")[3].tolist() == [6, 7]
     assert grow_class_table(table, 1)[3].tolist() == [2, 3]
+    assert grow_class_table(table, [0, 2])[3].tolist() == [2, 3]  # the mean of rows 0 and 2
+    assert grow_class_table(table, [1, 2])[3].tolist() == [3, 4]
 
 
 def test_the_finetuned_model_starts_as_the_base_with_one_more_class(
@@ -114,6 +116,30 @@ def test_with_lora_only_the_adapters_and_the_new_class_row_train(
     assert changed == trainable
     table, old = model.unet.label_emb.weight, before["unet.label_emb.weight"]
     assert torch.equal(table[[0, 1, 2, 4]], old[[0, 1, 2, 4]]) and not torch.equal(table[3], old[3])
+
+
+@pytest.mark.parametrize("lora", [LORA, None])
+def test_the_new_row_trains_at_embedding_lr_and_the_original_rows_stay(
+    class_base: Path, tmp_path: Path, lora: dict | None
+) -> None:
+    model = finetuned(class_base, tmp_path, lora, embedding_lr=0.5,
+                      init_from=["red circle", "blue circle"], prior={"weight": 0})
+    table = model.unet.label_emb.weight
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert torch.allclose(table[3], (before["unet.label_emb.weight"][[0, 2]]).mean(0))
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 0.5]
+    assert optimizer.param_groups[1]["params"] == [table]
+    model.noise_generator = torch.Generator().manual_seed(0)
+    model.training_step(batch(), 0).backward()
+    optimizer.step()
+    # Adam's first step moves every coordinate with a gradient by its group's rate
+    step = (table - before["unet.label_emb.weight"]).abs()
+    assert torch.allclose(step[3], torch.full_like(step[3], 0.5), atol=1e-3)
+    assert step[[0, 1, 2, 4]].max() == 0  # the original classes and the null row stay
+    others = [(p - before[name]).abs().max() for name, p in model.named_parameters()
+              if name != "unet.label_emb.weight" and p.requires_grad]
+    assert others and max(others) < 2e-4  # the base rate (and its weight decay), not 0.5
 
 
 def test_prior_images_are_sampled_once_and_reused(
