@@ -12,6 +12,7 @@ Train/val/test are a seeded split stratified by label (:func:`stratified_split`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -234,6 +235,20 @@ class ImageFolderDataModule(ImageDataModule):
             )
             for (path, label), rel in zip(files, relative)
         ]
+
+    def transform_signature(self) -> dict[str, Any]:
+        """The settings and a digest of the folder's listing: every image's relative path,
+        size, modification time, label and caption. A user adds, removes or replaces images
+        (or edits ``captions.jsonl``) in the same folder between runs; the path alone would
+        reuse the latents and captions of the old ones. Size and time, not the contents'
+        sha256, so a large folder is not read whole at every start (as ``make`` does)."""
+        listing = hashlib.sha256()
+        for record in self.records:
+            stat = record.path.stat()
+            entry = [record.path.relative_to(self.root).as_posix(), stat.st_size,
+                     stat.st_mtime_ns, record.label, record.caption]
+            listing.update(json.dumps(entry).encode() + b"\n")
+        return {**super().transform_signature(), "listing": listing.hexdigest()}
 
     def build_split(self, split: str, augment: bool | None = None) -> Dataset:
         """The ``split`` dataset; ``augment`` (default: training split only) turns on the

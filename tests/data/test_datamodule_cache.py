@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from ldm_lightning.data.base import ImageDataModule
 from ldm_lightning.data.celebahq import CelebAHQDataModule
@@ -114,3 +115,26 @@ def test_cache_holds_the_images_their_mirrors_labels_and_captions(
     if kind == "image_folder":
         cached_captions = data.captions("train") + data.captions("val")
         assert set(CAPTIONS.values()) <= set(cached_captions)
+
+
+def test_a_changed_folder_gets_a_new_cache_key(tmp_path: Path) -> None:
+    """Images added, replaced or recaptioned in the same folder are new data: the old latents
+    (and captions) must not be reused."""
+    root = captioned_folder(tmp_path / "photos")
+
+    def signature() -> dict:
+        return ImageFolderDataModule(str(root)).transform_signature()
+
+    first = signature()
+    assert signature() == first  # nothing changed: the same key
+    image = sorted(root.rglob("*.png"))[0]
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(image)  # replaced in place
+    replaced = signature()
+    assert replaced != first
+    Image.new("RGB", (12, 12), (0, 255, 0)).save(image.with_name("added.png"))
+    added = signature()
+    assert added not in (first, replaced)
+    captions = root / "captions.jsonl"
+    entry = {"file": image.relative_to(root).as_posix(), "caption": "a new caption"}
+    captions.write_text(json.dumps(entry) + "\n")
+    assert signature() not in (first, replaced, added)
