@@ -332,6 +332,12 @@ class DiT(nn.Module):
             f"the DiT's patch_size {patch_size}; use a patch size that divides the latent size"
         )
 
+    def compile_regions(self) -> list[nn.Module]:
+        """The blocks that regional ``torch.compile`` compiles one by one
+        (:func:`~ldm_lightning.models.speed.compile_net`): the timestep embedder, every DiT
+        block (one shape: one compiled graph for all) and the final layer."""
+        return [self.t_embedder, *self.blocks, self.final_layer]
+
     def forward(
         self,
         x: Tensor,

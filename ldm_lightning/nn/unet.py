@@ -141,6 +141,11 @@ class UNetModel(DownPath):
             "levels or larger images"
         )
 
+    def compile_regions(self) -> list[nn.Module]:
+        """The down path's regions (:meth:`DownPath.compile_regions`), every output block and
+        the output layer."""
+        return [*super().compile_regions(), *self.output_blocks, self.out]
+
     def forward(
         self,
         x: Tensor,

@@ -286,6 +286,12 @@ class DownPath(nn.Module):
     context_dim: int | None = None
     num_classes: int | None = None
 
+    def compile_regions(self) -> list[nn.Module]:
+        """The blocks that regional ``torch.compile`` compiles one by one
+        (:func:`~ldm_lightning.models.speed.compile_net`): the time embedding MLP, every input
+        block and the middle block."""
+        return [self.time_embed, *self.input_blocks, self.middle_block]
+
     def embed_time(self, timesteps: Tensor) -> Tensor:
         """``[B]`` timesteps -> the time embedding ``[B, 4 * model_channels]``."""
         t_emb = timestep_embedding(timesteps, self.model_channels)
