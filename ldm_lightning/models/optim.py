@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -105,6 +106,27 @@ def optimizer_settings(settings: Mapping[str, Any] | None, defaults: Mapping[str
     return {"scale_lr": False, **inherited, **settings}
 
 
+def clips_gradients(module: pl.LightningModule) -> bool:
+    """Whether gradients are clipped: ``trainer.gradient_clip_val`` or the module's own
+    ``gradient_clip_val`` (manual optimisation)."""
+    trainer_clip = module._trainer is not None and module.trainer.gradient_clip_val
+    return bool(trainer_clip or module.hparams.get("gradient_clip_val"))
+
+
+def wants_fused(cls: type, devices: set[str], clipping: bool, arguments: Mapping) -> bool:
+    """Whether to build ``cls`` with ``fused=True``: one kernel for the whole update of a step
+    instead of torch's default ``foreach`` (a few per group of parameters).
+
+    Yes when the class takes ``fused`` (Adam, AdamW, SGD, ...), every parameter is on a CUDA
+    device, the config sets neither ``fused`` nor ``foreach`` (``+model.optimizer.fused=false``
+    turns it off) and gradients are not clipped: Lightning refuses to clip the gradients of a
+    fused optimiser under mixed precision, which unscales inside its step.
+    """
+    takes = "fused" in inspect.signature(cls).parameters
+    chosen = "fused" in arguments or "foreach" in arguments
+    return takes and devices == {"cuda"} and not chosen and not clipping
+
+
 def build_optimizer(
     module: pl.LightningModule,
     params: Iterable[torch.nn.Parameter],
@@ -120,7 +142,7 @@ def build_optimizer(
     rises linearly from ``1/warmup_steps`` of it to all of it over the first ``warmup_steps``
     optimizer steps, then stays (``constant``) or decays to ``min_lr_ratio`` of it by the end
     of training. The other keys (``betas``, ``weight_decay``, ...) are the class's arguments
-    (YAML lists as tuples).
+    (YAML lists as tuples). On CUDA the fused kernel is chosen where :func:`wants_fused` says.
     """
     cfg = optimizer_settings(settings, defaults)
     rates = {k: cfg.pop(k) for k in RATE_KEYS if k in cfg}
@@ -128,7 +150,12 @@ def build_optimizer(
     cls = resolve_class(cfg.pop("_target_"), torch.optim.Optimizer, "torch optimizer", HINT)
     arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     lr = scaled_learning_rate(module, rates["base_lr"], rates["scale_lr"])
-    log.info("%s: %s, learning rate %.3g", type(module).__name__, cls.__name__, lr)
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, Mapping) else [g])]
+    if wants_fused(cls, {p.device.type for p in tensors}, clips_gradients(module), arguments):
+        arguments["fused"] = True
+    log.info("%s: %s%s, learning rate %.3g", type(module).__name__, cls.__name__,
+             " (fused)" if arguments.get("fused") else "", lr)
     try:
         optimizer = cls(params, lr=lr, **arguments)
     except TypeError as error:

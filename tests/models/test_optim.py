@@ -6,8 +6,10 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from ldm_lightning.models.optim import lr_factor, schedule_lambda
+from ldm_lightning.models.diffusion import OPTIMIZER
+from ldm_lightning.models.optim import build_optimizer, lr_factor, schedule_lambda, wants_fused
 
 
 def test_warmup_rises_linearly_then_constant_holds() -> None:
@@ -43,3 +45,20 @@ def test_a_decay_over_an_unbounded_run_says_what_to_set() -> None:
                                          ".*max_time.*schedule=constant"):
         schedule_lambda(module, {"schedule": "cosine"})
     assert schedule_lambda(module, {"schedule": "constant", "warmup_steps": 2})(0) == 0.5
+
+
+def test_fused_kernel_only_on_cuda_without_clipping_or_a_choice_in_the_config() -> None:
+    assert wants_fused(torch.optim.AdamW, {"cuda"}, clipping=False, arguments={})
+    assert not wants_fused(torch.optim.AdamW, {"cpu"}, clipping=False, arguments={})
+    assert not wants_fused(torch.optim.AdamW, {"cuda", "cpu"}, clipping=False, arguments={})
+    assert not wants_fused(torch.optim.AdamW, {"cuda"}, clipping=True, arguments={})
+    assert not wants_fused(torch.optim.AdamW, {"cuda"}, clipping=False, arguments={"fused": False})
+    assert not wants_fused(torch.optim.AdamW, {"cuda"}, clipping=False, arguments={"foreach": True})
+    assert not wants_fused(torch.optim.LBFGS, {"cuda"}, clipping=False, arguments={})
+
+
+def test_cpu_parameters_keep_torchs_default_kernel() -> None:
+    module = SimpleNamespace(_trainer=None, hparams={})
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer, _ = build_optimizer(module, params, {"base_lr": 1e-3}, OPTIMIZER)
+    assert not optimizer.defaults["fused"]
