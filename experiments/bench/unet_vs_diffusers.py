@@ -17,9 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-import diffusers
 import torch
-from diffusers import UNet2DModel
 from torch import nn
 
 from ldm_lightning.nn.unet import UNetModel
@@ -67,7 +65,11 @@ def build_ours(args: argparse.Namespace) -> UNetModel:
     )
 
 
-def build_diffusers(args: argparse.Namespace) -> UNet2DModel:
+def build_diffusers(args: argparse.Namespace) -> nn.Module:
+    """diffusers' UNet2DModel of ``args``' shape (imported here: experiments/bench/gpu.py runs
+    without diffusers)."""
+    from diffusers import UNet2DModel
+
     attn = [2**level in args.attention_ds for level in range(len(args.channel_mult))]
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
@@ -138,6 +140,8 @@ def main() -> None:
     ]
     seconds = median_times([step for *_, step in runs], args)
     ref_time = seconds[1]
+
+    import diffusers
 
     print(
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
