@@ -38,10 +38,11 @@ from gpu_step import bench_raw_steps
 
 RESULTS = Path(__file__).parents[1] / "results" / "gpu"
 # What the project imports beyond torch, Lightning, torchmetrics and torchvision, as wheels
-# (versions of the project's CI environment). antlr4 is an sdist only: `pip wheel` builds it.
-WHEELS = {"hydra": "hydra-core==1.3.2", "omegaconf": "omegaconf==2.3.0", "lpips": "lpips==0.1.4",
-          "torch_fidelity": "torch-fidelity==0.3.0", "diffusers": "diffusers==0.34.0",
-          "importlib_metadata": "importlib_metadata==8.7.0"}
+# (the versions of the development venv this was written in). antlr4 is an sdist only: `pip
+# wheel` builds it.
+WHEELS = {"hydra": "hydra-core==1.3.8", "omegaconf": "omegaconf==2.3.1", "lpips": "lpips==0.1.4",
+          "torch_fidelity": "torch-fidelity==0.4.0", "diffusers": "diffusers==0.42.1",
+          "importlib_metadata": "importlib_metadata==10.2.0"}
 SDISTS = {"antlr4": "antlr4-python3-runtime==4.9.3"}
 OPTIONAL = {"diffusers", "importlib_metadata"}  # the diffusers row only
 START = time.perf_counter()
