@@ -152,7 +152,9 @@ def build_optimizer(
     lr = scaled_learning_rate(module, rates["base_lr"], rates["scale_lr"])
     params = list(params)
     tensors = [p for g in params for p in (g["params"] if isinstance(g, Mapping) else [g])]
-    if wants_fused(cls, {p.device.type for p in tensors}, clips_gradients(module), arguments):
+    devices = {p.device.type for p in tensors}
+    clipping = devices == {"cuda"} and clips_gradients(module)  # asked only where it matters
+    if wants_fused(cls, devices, clipping, arguments):
         arguments["fused"] = True
     log.info("%s: %s%s, learning rate %.3g", type(module).__name__, cls.__name__,
              " (fused)" if arguments.get("fused") else "", lr)
