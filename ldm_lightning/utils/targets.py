@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import sys
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -44,3 +46,16 @@ def resolve_class(target: str, base: type[T], what: str, hint: str) -> type[T]:
             f"in {PACKAGE}, or in a module imported beforehand; {hint}"
         )
     return found
+
+
+def check_options(cls: type, arguments: Mapping[str, Any], group: str, hint: str = "") -> None:
+    """Refuse ``arguments`` that ``cls`` (the class option ``cls.kind`` of the config group
+    ``model/<group>``) does not take, naming them and the options it has; ``hint`` (what to do
+    instead) ends the message."""
+    options = inspect.signature(cls).parameters
+    unknown = sorted(set(arguments) - set(options))
+    if unknown:
+        raise ValueError(
+            f"model.{group} has {', '.join(unknown)}, not options of model/{group}={cls.kind} "
+            f"({cls.__name__}: {', '.join(options)})" + (f"; {hint}" if hint else "")
+        )

@@ -23,7 +23,7 @@ from ldm_lightning.models.conditioning.classes import ClassConditioning
 from ldm_lightning.models.conditioning.none import NoConditioning
 from ldm_lightning.models.conditioning.pretrained_text import PretrainedTextConditioning
 from ldm_lightning.models.conditioning.text import TextConditioning
-from ldm_lightning.utils.targets import resolve_class
+from ldm_lightning.utils.targets import check_options, resolve_class
 
 KINDS: dict[str, type[Conditioning]] = {
     cls.kind: cls
@@ -87,15 +87,11 @@ def build_conditioning(config: Mapping[str, Any] | None) -> tuple[Conditioning, 
     the config to save: ``_target_``, ``kind``, the arguments and what rebuilds a loaded
     encoder without its source (:meth:`Conditioning.record`)."""
     cls, arguments = conditioning_config(config)
-    options = inspect.signature(cls).parameters
-    unknown = sorted(set(arguments) - set(options))
-    if unknown:
-        raise ValueError(
-            f"model.conditioning has {', '.join(unknown)}, not options of model/conditioning="
-            f"{cls.kind} ({cls.__name__}: {', '.join(options)}); an experiment written for "
-            "another kind sets them: start from its base experiment (e.g. +experiment="
-            "shapes_ldm) to switch kinds"
-        )
+    check_options(
+        cls, arguments, "conditioning",
+        "an experiment written for another kind sets them: start from its base experiment (e.g. "
+        "+experiment=shapes_ldm) to switch kinds",
+    )
     module = cls(**arguments)
     target = f"{cls.__module__}.{cls.__qualname__}"
     return module, {"_target_": target, "kind": cls.kind, **arguments, **module.record()}

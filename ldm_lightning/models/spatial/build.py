@@ -9,12 +9,11 @@ before spatial conditions, or with ``model/spatial=null``) have none.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from ldm_lightning.models.spatial.base import SpatialCondition
-from ldm_lightning.utils.targets import resolve_class
+from ldm_lightning.utils.targets import check_options, resolve_class
 
 CHOOSE = "choose the kind with model/spatial=<inpaint | upscale | semantic> (or null)"
 
@@ -38,13 +37,7 @@ def build_spatial(
             f"model.spatial.kind={kind} does not choose the kind: use model/spatial={kind} "
             f"(this config builds {cls.__name__})"
         )
-    options = inspect.signature(cls).parameters
-    unknown = sorted(set(arguments) - set(options))
-    if unknown:
-        raise ValueError(
-            f"model.spatial has {', '.join(unknown)}, not options of model/spatial={cls.kind} "
-            f"({cls.__name__}: {', '.join(options)})"
-        )
+    check_options(cls, arguments, "spatial")
     module = cls(**arguments)
     return module, {"_target_": f"{cls.__module__}.{cls.__qualname__}", "kind": cls.kind,
                     **arguments}
