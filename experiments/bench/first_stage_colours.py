@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_lightning.data.shapes import RENDER_COLOURS
 from ldm_lightning.metrics.shapes_checker import coverage, read_image
 from ldm_lightning.models import AutoencoderModule
 from ldm_lightning.models.checkpoints import load_stage
 
-COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange"]
+COLOURS = list(RENDER_COLOURS)
 
 
 def main(ckpt: str, folder: str) -> None:

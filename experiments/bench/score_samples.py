@@ -29,8 +29,8 @@ def score_folder(
     folder: Path, threshold: float = 0.8, colours: list[str] | None = None
 ) -> dict[str, float]:
     """Clean share, mean shape IoU and (class folders) shape + colour accuracy of the PNGs, in
-    all and per class,
-    colours read among ``colours`` (None: the dataset's and those the class folders name)."""
+    all and (accuracy and clean share) per class, colours read among ``colours`` (None: the
+    dataset's and those the class folders name)."""
     paths = sorted((folder / "samples").rglob("*.png"))
     if not paths:
         raise SystemExit(f"no samples/**/*.png under {folder}")
@@ -39,6 +39,7 @@ def score_folder(
         colours = list(dict.fromkeys([*COLOUR_NAMES, *named]))
     ious, right, clean_and_right, labelled = [], 0, 0, 0
     per_class: dict[str, list[bool]] = {}
+    clean_per_class: dict[str, list[bool]] = {}
     for path in paths:
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
         image = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
@@ -50,6 +51,7 @@ def score_folder(
             hit = read["shape"] == shape and read["colour"] == colour
             right += hit
             per_class.setdefault(path.parent.name, []).append(hit)
+            clean_per_class.setdefault(path.parent.name, []).append(read["iou"] > threshold)
             clean_and_right += hit and read["iou"] > threshold
     iou = torch.tensor(ious)
     result = {"samples": len(ious), "shape_iou": round(iou.mean().item(), 4),
@@ -59,6 +61,8 @@ def score_folder(
         result["clean_and_right"] = round(clean_and_right / labelled, 4)
         result["per_class"] = {name: round(sum(hits) / len(hits), 4)
                                for name, hits in per_class.items()}
+        result["per_class_clean"] = {name: round(sum(hits) / len(hits), 4)
+                                     for name, hits in clean_per_class.items()}
     return result
 
 

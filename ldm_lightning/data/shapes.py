@@ -12,6 +12,7 @@ identical on every machine and worker, nothing stored on disk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,11 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
 # Shape colours the renderer draws but the dataset never samples: concepts a shapes model has not
 # seen, to teach it by few-shot fine-tuning (conf/experiment/shapes_finetune.yaml) and to read
 # back with the checker (its ``colours`` argument).
-NEW_COLOURS: dict[str, tuple[int, int, int]] = {"orange": (245, 130, 20)}
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {
+    "orange": (245, 130, 20),
+    "white": BACKGROUND_COLOURS["white"],  # seen as backgrounds only
+    "black": BACKGROUND_COLOURS["black"],
+}
 RENDER_COLOURS: dict[str, tuple[int, int, int]] = {**SHAPE_COLOURS, **NEW_COLOURS}
 COLOUR_NAMES: tuple[str, ...] = tuple(SHAPE_COLOURS)
 NUM_CLASSES = len(SHAPES) * len(COLOUR_NAMES)
@@ -134,11 +139,41 @@ def paint(spec: ShapeSpec, coverage: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image * 2.0 - 1.0)
 
 
+def class_name(label: int) -> str:
+    """``"<colour> <shape>"`` of a label of the 18 (``"red circle"``)."""
+    shape, colour = describe_label(label)
+    return f"{colour} {shape}"
+
+
+def kept_labels(exclude: Sequence[str] = ()) -> list[int]:
+    """The labels of the 18 not named in ``exclude`` (class names, ``"cyan circle"``), in order.
+
+    Raises ValueError for an unknown name or when nothing is left."""
+    names = [class_name(label) for label in range(NUM_CLASSES)]
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise ValueError(f"unknown shapes classes {unknown} in exclude; valid: {names}")
+    kept = [label for label, name in enumerate(names) if name not in exclude]
+    if not kept:
+        raise ValueError("exclude names all 18 shapes classes; leave at least one")
+    return kept
+
+
 class ShapesDataset(CaptionedDataset):
-    """``length`` procedurally drawn images of one split; item ``i`` is the same on every call."""
+    """``length`` procedurally drawn images of one split; item ``i`` is the same on every call.
+
+    ``exclude`` names classes never drawn (a draw of one is redrawn from the item's generator);
+    labels then index the remaining classes in order (:func:`kept_labels`), so a model trained
+    on them has never seen the excluded ones, e.g. to teach one by few-shot fine-tuning."""
 
     def __init__(
-        self, length: int, image_size: int, split: str = "train", seed: int = 0, antialias: int = 4
+        self,
+        length: int,
+        image_size: int,
+        split: str = "train",
+        seed: int = 0,
+        antialias: int = 4,
+        exclude: Sequence[str] = (),
     ) -> None:
         if split not in _SPLIT_IDS:
             raise ValueError(f"unknown split {split!r}; valid: {tuple(_SPLIT_IDS)}")
@@ -147,6 +182,7 @@ class ShapesDataset(CaptionedDataset):
         self.split = split
         self.seed = seed
         self.antialias = antialias
+        self.label_index = {label: i for i, label in enumerate(kept_labels(exclude))}
 
     def __len__(self) -> int:
         return self.length
@@ -154,7 +190,11 @@ class ShapesDataset(CaptionedDataset):
     def spec(self, index: int) -> ShapeSpec:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images")
-        return random_spec(np.random.default_rng((self.seed, _SPLIT_IDS[self.split], index)))
+        rng = np.random.default_rng((self.seed, _SPLIT_IDS[self.split], index))
+        spec = random_spec(rng)
+        while spec.label not in self.label_index:
+            spec = random_spec(rng)
+        return spec
 
     def captions(self) -> list[str]:
         return [self.spec(i).caption for i in range(self.length)]
@@ -165,7 +205,7 @@ class ShapesDataset(CaptionedDataset):
         return {
             "image": paint(spec, coverage),
             "segmentation": torch.from_numpy(coverage >= 0.5).long(),
-            "label": spec.label,
+            "label": self.label_index[spec.label],
             "caption": spec.caption,
         }
 
@@ -181,22 +221,27 @@ class ShapesDataModule(ImageDataModule):
         num_test: int = 200,
         seed: int = 0,
         antialias: int = 4,
+        exclude: Sequence[str] = (),
         **loader_kwargs,
     ) -> None:
         super().__init__(image_size=image_size, **loader_kwargs)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed = seed
         self.antialias = antialias
+        self.exclude = sorted(exclude)
+        self._labels = kept_labels(self.exclude)  # checked before any work
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES
+        return len(self._labels)
 
     @property
     def class_names(self) -> list[str]:
-        """``"<colour> <shape>"`` of each label."""
-        return [" ".join(reversed(describe_label(label))) for label in range(NUM_CLASSES)]
+        """``"<colour> <shape>"`` of each label (the 18 less ``exclude``)."""
+        return [class_name(label) for label in self._labels]
 
     def build_split(self, split: str, augment: bool | None = None) -> ShapesDataset:
         # Shapes are drawn at random already; there is no augmentation to switch.
-        return ShapesDataset(self.sizes[split], self.image_size, split, self.seed, self.antialias)
+        return ShapesDataset(
+            self.sizes[split], self.image_size, split, self.seed, self.antialias, self.exclude
+        )

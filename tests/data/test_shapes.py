@@ -123,3 +123,28 @@ def test_latent_cache_settings_are_checked() -> None:
     connect(model, data)  # an autoencoder hands over no encoder
     with pytest.raises(ValueError, match=r"no model handed over a first stage.*cache_latents"):
         trainer.fit(model, datamodule=data)
+
+
+def test_excluded_classes_are_never_drawn_and_labels_index_the_rest() -> None:
+    cyan = ["cyan circle", "cyan square", "cyan triangle"]
+    full, held_out = ShapesDataset(300, 8), ShapesDataset(300, 8, exclude=cyan)
+    data = ShapesDataModule(image_size=8, exclude=cyan)
+    names = data.class_names
+    assert data.num_classes == len(names) == 15 and not set(cyan) & set(names)
+    for index in range(300):
+        spec, item = held_out.spec(index), held_out[index]
+        assert spec.colour != "cyan"
+        assert names[item["label"]] == f"{spec.colour} {spec.shape}"
+        assert item["caption"] == spec.caption
+        if full.spec(index).colour != "cyan":  # only the excluded draws change
+            assert spec == full.spec(index)
+    # The cache key (the pixels' settings) tells the two apart.
+    assert data.transform_signature() != ShapesDataModule(image_size=8).transform_signature()
+
+
+def test_exclude_names_are_checked_before_any_work() -> None:
+    with pytest.raises(ValueError, match=r"unknown shapes classes \['orange circle'\].*valid"):
+        ShapesDataModule(exclude=["orange circle"])
+    everything = [f"{c} {s}" for c in SHAPE_COLOURS for s in ("circle", "square", "triangle")]
+    with pytest.raises(ValueError, match="leave at least one"):
+        ShapesDataModule(exclude=everything)
