@@ -1,9 +1,9 @@
 """FID during training: every N epochs, on a few samples, from the weights validation uses.
 
 Runs on the first validation batch of an epoch, so with an EMA callback
-(``pytorch_lightning.callbacks.EMAWeightAveraging``, which swaps the averaged weights in at
-``on_validation_epoch_start`` and out at ``on_validation_epoch_end``) the samples come from the
-EMA weights whatever the order of the callbacks. Logs ``val/fid`` (an epoch metric, so it can be
+(``callbacks.ema.ForeachEMA``, Lightning's ``EMAWeightAveraging``: it swaps the averaged weights
+in at ``on_validation_epoch_start`` and out at ``on_validation_epoch_end``) the samples come from
+the EMA weights whatever the order of the callbacks. Logs ``val/fid`` (an epoch metric, so it can be
 ``optimized_metric`` and ModelCheckpoint's monitor). Diffusion models are sampled; autoencoders
 report the rFID of their reconstructions of the first ``num_samples`` images of ``split``.
 

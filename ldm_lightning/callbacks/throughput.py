@@ -1,4 +1,4 @@
-"""Training throughput (images/s) and, on a GPU, peak memory, logged every training step."""
+"""Training throughput (images/s) and, on a GPU, peak memory, logged every ``log_every_n_steps``."""
 
 from __future__ import annotations
 
@@ -27,22 +27,27 @@ def batch_size_of(batch: Any) -> int:
 
 
 class ThroughputMonitor(pl.Callback):
-    """Logs ``train/images_per_sec`` = world_size * B / (time between two batch ends).
+    """Logs ``train/images_per_sec`` = world_size * images / seconds over the batches since the
+    last log, at the optimizer steps the trainer logs at (``trainer.log_every_n_steps``).
 
-    The interval spans data loading and the optimiser step, so it is what a run achieves; the
-    first batch of an epoch (no previous end) is not measured, nor is time spent validating.
-    On CUDA also logs ``train/gpu_mem_gb``, the peak allocated memory since the last step.
+    The interval spans data loading and the optimiser step, so it is what a run achieves; it
+    starts at the first batch end of an epoch (or after validation), and time spent validating
+    is not counted. On CUDA also logs ``train/gpu_mem_gb``, the peak allocated memory since the
+    last log. Logging a Python number copies it to the module's device, which on CUDA waits for
+    the queued work: once per log, not once per step, keeps the step free of host syncs.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
-        self._last: float | None = None
+        self._start: float | None = None
+        self._images = 0
+        self._logged_step = -1
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last = None
+        self._start = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last = None
+        self._start = None
 
     def on_train_batch_end(
         self,
@@ -52,13 +57,18 @@ class ThroughputMonitor(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        now = self.clock()
-        last, self._last = self._last, now
+        now, step = self.clock(), trainer.global_step
+        if self._start is None:
+            self._start, self._images = now, 0
+        else:
+            self._images += batch_size_of(batch)
+        if step % trainer.log_every_n_steps or step == self._logged_step:
+            return
+        self._logged_step = step
         metrics: dict[str, float] = {}
-        if last is not None and now > last:
-            metrics[IMAGES_PER_SEC] = (
-                batch_size_of(batch) * trainer.world_size / (now - last)
-            )
+        if self._images and now > self._start:
+            metrics[IMAGES_PER_SEC] = self._images * trainer.world_size / (now - self._start)
+            self._start, self._images = now, 0
         if pl_module.device.type == "cuda":
             metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             torch.cuda.reset_peak_memory_stats(pl_module.device)

@@ -80,7 +80,7 @@ def test_lines_every_n_steps_and_at_epoch_ends(caplog: pytest.LogCaptureFixture)
     trainer = pl.Trainer(
         max_epochs=2, callbacks=[ThroughputMonitor(clock=clock), lines], logger=False,
         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
-        limit_val_batches=2,
+        limit_val_batches=2, log_every_n_steps=2,  # images/s logged at the lines' steps
     )
     assert not any(isinstance(c, RichProgressBar) for c in trainer.callbacks)  # no second bar
     assert sum(isinstance(c, ProgressBar) for c in trainer.callbacks) == 1
