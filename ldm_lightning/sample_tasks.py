@@ -11,8 +11,10 @@ known pixels back over an inpainted sample.
   masked image it is conditioned on; the known pixels are then pasted back, so they are kept
   exactly (as the original image's 8-bit PNG), ``x = x_known (1 - m) + x_sampled m``.
 - ``upscale``: ``image`` the low-resolution RGB PNG (``image_size / factor`` square).
-- ``semantic``: ``image`` the map as a grayscale PNG at the model's size, K classes at K evenly
-  spaced gray levels: class ``round(v (K - 1) / 255)`` (K = 2: black 0, white 1).
+- ``semantic``: ``image`` the map as a grayscale PNG at the model's size, either class indices
+  (every value at most K - 1: the maps of an image folder's ``segmentation_dir``) or, to draw
+  by hand, K classes at K evenly spaced gray levels: class ``round(v (K - 1) / 255)`` (K = 2:
+  black 0, white 1).
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def _gray(path: str | os.PathLike) -> Tensor:
     """``[H, W]`` gray levels 0..255 (float)."""
     with Image.open(path) as image:
         return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))
+
+
+def _class_indices(gray: Tensor, num_classes: int) -> Tensor:
+    """A map's classes from its gray values: the values themselves where none exceeds
+    ``num_classes - 1``, else ``num_classes`` evenly spaced gray levels (module docstring)."""
+    if gray.max() <= num_classes - 1:
+        return gray.long()
+    return (gray * (num_classes - 1) / 255).round().long()
 
 
 def task_inputs(
@@ -77,8 +87,7 @@ def task_inputs(
     elif task == "upscale":
         inputs = {"image": _rgb(image)}
     else:
-        levels = spatial.num_classes - 1
-        inputs = {"segmentation": (_gray(image) * levels / 255).round().long()[None]}
+        inputs = {"segmentation": _class_indices(_gray(image), spatial.num_classes)[None]}
     return spatial.check(inputs, model.hparams.image_size)
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from ldm_lightning.models.from_data import fill_from_data
 from ldm_lightning.train import train
-from tests.data.fake_layouts import make_fake_celebahq, make_fake_pets
+from tests.data.fake_layouts import make_fake_celebahq, make_fake_pets, write_semantic_maps
 from tests.data.test_datamodule_cache import BREEDS, captioned_folder
 from tests.hydra_utils import compose_config
 from tests.models.test_diffusion_module import autoencoder_ckpt  # noqa: F401 (a fixture)
@@ -47,8 +47,8 @@ NEEDS: dict[str, set[str]] = {
 OFFERS: dict[str, set[str]] = {
     "shapes": {"labels", "varied captions",         # 18 shape x colour classes, exact captions,
                "semantic maps"},                    # exact shape/background segmentations
-    "image_folder": {"labels", "varied captions"},  # class folders, "a photo of a <class>",
-                                                    # and captions.jsonl lines
+    "image_folder": {"labels", "varied captions",   # class folders, "a photo of a <class>",
+                     "semantic maps"},              # captions.jsonl lines, segmentation_dir
     "pets": {"labels", "varied captions"},          # breeds, "a photo of a <breed>, a ..."
     "celebahq": {"labels", "varied captions"},      # CelebAMask-HQ: label = Male (2 classes),
                                                     # captions from the 40 attributes
@@ -106,7 +106,7 @@ TINY: dict[str, list[str]] = {
     "ldm_class": TINY_UNET,
     "inpaint": TINY_UNET,
     "upscale": TINY_UNET,
-    "semantic": TINY_UNET,
+    "semantic": [*TINY_UNET, "model.spatial.num_classes=2"],  # the fake maps' classes
     "noisy_classifier": [
         "model.classifier.model_channels=16", "model.classifier.channel_mult=[1,2]",
         "model.classifier.num_res_blocks=1", "model.classifier.attention_resolutions=[2]",
@@ -125,12 +125,14 @@ def data_overrides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[s
     """``data=...`` and its sizes for each fake datamodule, written once per module."""
     root = tmp_path_factory.mktemp("data")
     folder = captioned_folder(root / "folder", {"bird": 4, "cat": 4, "dog": 4})
+    maps = write_semantic_maps(folder, root / "maps")  # 2 classes: red 0 | blue 1
     make_fake_pets(root, breeds=BREEDS)
     make_fake_celebahq(root / "celebahq", n=8)
     make_fake_celebahq(root / "faces", n=8, layout="folder")
     return {
         "shapes": ["data=shapes", "data.num_train=8", "data.num_val=4", "data.num_test=4"],
-        "image_folder": ["data=image_folder", f"data.root={folder}", "data.val_fraction=0.25"],
+        "image_folder": ["data=image_folder", f"data.root={folder}", "data.val_fraction=0.25",
+                         f"data.segmentation_dir={maps}"],
         "pets": ["data=pets", f"data.root={root}", "data.download=false",
                  f"data.classes=[{','.join(BREEDS)}]"],
         "celebahq": ["data=celebahq", f"data.root={root / 'celebahq'}", "data.num_train=6"],
@@ -157,8 +159,9 @@ def test_only_conditioned_experiments_on_unlabelled_uncaptioned_data_are_left_ou
     assert set(OFFERS) == set(data_overrides)
     conditioned = {e for e in EXPERIMENTS
                    if kind(e) in ("ldm_class", "ldm_text", "clip", "noisy_classifier")}
-    # Only shapes renders exact maps: semantic synthesis on it alone.
-    mapped = {(e, d) for e in EXPERIMENTS if kind(e) == "semantic" for d in OFFERS if d != "shapes"}
+    # Shapes renders exact maps, an image folder reads them from segmentation_dir.
+    mapped = {(e, d) for e in EXPERIMENTS if kind(e) == "semantic" for d in OFFERS
+              if d not in ("shapes", "image_folder")}
     finetune = {(e, data) for e in EXPERIMENTS if kind(e) == "finetune" for data in OFFERS}
     assert set(EXCLUDED) == {(e, "celebahq_faces") for e in conditioned} | mapped | finetune
 

@@ -44,7 +44,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "low": write_png(image[::4, ::4], root / "low.png"),
         "mask": write_png(mask, root / "mask.png"),
         "small_mask": write_png(mask[::2, ::2], root / "small_mask.png"),
-        "map": write_png(segmentation, root / "map.png"),
+        "map": write_png(segmentation, root / "map.png"),  # drawn by hand: black 0, white 1
+        "index_map": write_png(segmentation / 255, root / "index_map.png"),  # a folder's: 0, 1
         **{kind: write_checkpoint(model, root / f"{kind}.ckpt") for kind, model in models.items()},
     }
 
@@ -71,11 +72,14 @@ def test_inpainting_keeps_the_unmasked_region_and_fills_the_masked_one(files, tm
 
 @pytest.mark.parametrize(("task", "image", "key"), [
     ("upscale", "low", "image"), ("semantic", "map", "segmentation"),
+    ("semantic", "index_map", "segmentation"),
 ])
 def test_upscale_and_semantic_sample_their_condition(files, tmp_path, task, image, key) -> None:
     sample(tmp_path, f"ckpt_path={files[task]}", f"task={task}", f"image={files[image]}")
     given = read_png(files[image])
-    given = (given[:1] > 0).long() if task == "semantic" else given
+    if task == "semantic":  # gray levels 0 / 255 and class indices 0 / 1 read the same
+        given = (torchvision.io.read_image(str(files[image]))[:1] > 0).long()
+        assert 0 < given.float().mean() < 1
     model = load_stage(LatentDiffusionModule, files[task], "latent_diffusion")
     expected = model.sample(n=2, seed=0, spatial={key: given})
     written = torch.stack([read_png(tmp_path / "samples" / f"{i:05d}.png") for i in range(2)])

@@ -5,6 +5,9 @@ Layouts under ``root``::
     root/<class name>/**/<image>     sorted class folder names -> labels 0..K-1
     root/<image>                     flat: label 0, unlabelled (num_classes = 0)
     root/captions.jsonl              optional: {"file": "<class>/<image>.jpg", "caption": "..."}
+    <segmentation_dir>/<class>/<image stem>.png
+                                     optional, outside root: a semantic map per image, one
+                                     channel of class indices (semantic synthesis)
 
 An image without a caption line gets ``"a photo of a {class}"`` (``"a photo"`` when flat).
 Train/val/test are a seeded split stratified by label (:func:`stratified_split`).
@@ -125,6 +128,9 @@ class ImageFolderDataModule(ImageDataModule):
         random_crop: random (else centre) square crops on the training split.
         captions_file: name of the optional captions file inside ``root``.
         on_corrupt: ``"skip"`` or ``"error"`` for unreadable images (see ``image_io``).
+        segmentation_dir: a folder outside ``root`` with one semantic map per image at the
+            image's relative path with a ``.png`` suffix; items then carry ``segmentation``
+            (LongTensor [S, S], cropped and flipped with the image). None: no maps.
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class ImageFolderDataModule(ImageDataModule):
         random_crop: bool = True,
         captions_file: str = "captions.jsonl",
         on_corrupt: str = "skip",
+        segmentation_dir: str | None = None,
         **loader_kwargs: Any,
     ) -> None:
         super().__init__(image_size=image_size, **loader_kwargs)
@@ -150,6 +157,14 @@ class ImageFolderDataModule(ImageDataModule):
         self.random_crop = random_crop
         self.captions_file = captions_file
         self.on_corrupt = check_on_corrupt(on_corrupt)
+        self.segmentation_dir = None if segmentation_dir is None else Path(segmentation_dir)
+        if self.segmentation_dir is not None and self.segmentation_dir.resolve().is_relative_to(
+            self.root.resolve()
+        ):
+            raise ValueError(
+                f"data.segmentation_dir={self.segmentation_dir} is inside data.root={self.root}, "
+                "where its maps would be read as images; move the maps out of the image folder"
+            )
 
     def _layout_help(self) -> str:
         return (
@@ -227,26 +242,47 @@ class ImageFolderDataModule(ImageDataModule):
             files = [(path, 0) for path in list_images(self.root)]
         relative = [path.relative_to(self.root).as_posix() for path, _ in files]
         captions = self._read_captions(set(relative))
+        maps = self._map_paths(relative)
         return [
             ImageRecord(
                 path=path,
                 label=label,
                 caption=captions.get(rel, class_caption(names[label]) if names else FLAT_CAPTION),
+                segmentation=segmentation,
             )
-            for (path, label), rel in zip(files, relative)
+            for (path, label), rel, segmentation in zip(files, relative, maps)
         ]
+
+    def _map_paths(self, relative: list[str]) -> list[Path | None]:
+        """Each image's semantic map, ``segmentation_dir/<relative path>.png``; every one must
+        exist (checked here, before any training)."""
+        if self.segmentation_dir is None:
+            return [None] * len(relative)
+        maps = [(self.segmentation_dir / rel).with_suffix(".png") for rel in relative]
+        missing = [str(path) for path in maps if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(maps)} images have no semantic map in "
+                f"{self.segmentation_dir} (e.g. {', '.join(missing[:3])}); each image "
+                f"{self.root}/<path>.<ext> needs a map {self.segmentation_dir}/<path>.png"
+            )
+        return maps
 
     def transform_signature(self) -> dict[str, Any]:
         """The settings and a digest of the folder's listing: every image's relative path,
-        size, modification time, label and caption. A user adds, removes or replaces images
-        (or edits ``captions.jsonl``) in the same folder between runs; the path alone would
-        reuse the latents and captions of the old ones. Size and time, not the contents'
-        sha256, so a large folder is not read whole at every start (as ``make`` does)."""
+        size, modification time, label and caption (and its map's size and time). A user
+        adds, removes or replaces images (or maps, or edits ``captions.jsonl``) in the same
+        folder between runs; the path alone would reuse the latents and captions of the old
+        ones. Size and time, not the contents' sha256, so a large folder is not read whole at
+        every start (as ``make`` does)."""
         listing = hashlib.sha256()
         for record in self.records:
             stat = record.path.stat()
             entry = [record.path.relative_to(self.root).as_posix(), stat.st_size,
                      stat.st_mtime_ns, record.label, record.caption]
+            if record.segmentation is not None:
+                map_stat = record.segmentation.stat()
+                entry += [map_stat.st_size, map_stat.st_mtime_ns]
             listing.update(json.dumps(entry).encode() + b"\n")
         return {**super().transform_signature(), "listing": listing.hexdigest()}
 

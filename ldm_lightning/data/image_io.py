@@ -90,6 +90,22 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
         return to_rgb(image)
 
 
+MAP_MODES = ("L", "P", "I", "I;16")  # one channel of class indices
+
+
+def load_map(path: str | os.PathLike) -> Image.Image:
+    """A semantic map: a one-channel image (8-bit grey or palette PNG, or 16/32-bit integer)
+    whose pixel values are class indices. Raises ValueError for any other mode."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode not in MAP_MODES:
+            raise ValueError(
+                f"semantic map {path} has mode {image.mode}; save maps as one-channel images of "
+                f"class indices (modes {', '.join(MAP_MODES)}: a grey or palette PNG)"
+            )
+        return image.copy()
+
+
 def _jpeg_is_complete(path: Path) -> bool:
     with open(path, "rb") as handle:
         handle.seek(0, os.SEEK_END)
@@ -123,13 +139,15 @@ class ImageRecord:
     """One image file and its annotations.
 
     ``extras`` are extra sample keys: ints stay ints, tuples of ints become LongTensors
-    (``attributes`` [40] for CelebA-HQ).
+    (``attributes`` [40] for CelebA-HQ). ``segmentation``: the file of its semantic map, read
+    into the sample's ``segmentation`` through the image's own crop and flip.
     """
 
     path: Path
     label: int
     caption: str
     extras: Mapping[str, int | tuple[int, ...]] = field(default_factory=dict)
+    segmentation: Path | None = None  # its semantic map (:func:`load_map`), if any
 
 
 def _name_files(problems: Sequence[tuple[ImageRecord, str]]) -> str:
@@ -163,7 +181,8 @@ def drop_unreadable(records: Sequence[ImageRecord], on_corrupt: str) -> list[Ima
 
 
 class ImageRecordDataset(CaptionedDataset):
-    """Images of a list of records as ``{"image", "label", "caption", **extras}`` dicts.
+    """Images of a list of records as ``{"image", "label", "caption", **extras}`` dicts (and
+    ``segmentation`` where the records have maps).
 
     ``image``: FloatTensor [3, S, S] in [-1, 1] from ``transform`` (S = ``transform.size``).
     A file that fails to decode is skipped (next index, warning naming it, counted in
@@ -187,8 +206,10 @@ class ImageRecordDataset(CaptionedDataset):
         return [record.caption for record in self.records]
 
     def _decode(self, record: ImageRecord) -> Image.Image | None:
+        # A map is drawn at the image's full size: no reduced-scale JPEG decoding then.
+        draft_size = None if record.segmentation else self.transform.size
         try:
-            return load_rgb(record.path, draft_size=self.transform.size)
+            return load_rgb(record.path, draft_size=draft_size)
         except DECODE_ERRORS as err:
             if self.on_corrupt == "error":
                 raise ValueError(
@@ -208,11 +229,12 @@ class ImageRecordDataset(CaptionedDataset):
             record = self.records[(index + offset) % len(self.records)]
             image = self._decode(record)
             if image is not None:
-                sample: dict[str, Any] = {
-                    "image": self.transform(image),
-                    "label": record.label,
-                    "caption": record.caption,
-                }
+                sample: dict[str, Any] = {"label": record.label, "caption": record.caption}
+                if record.segmentation is None:
+                    sample["image"] = self.transform(image)
+                else:
+                    sample["image"], sample["segmentation"] = self.transform.with_map(
+                        image, load_map(record.segmentation))
                 for key, value in record.extras.items():
                     is_vector = isinstance(value, tuple)
                     sample[key] = torch.tensor(value, dtype=torch.long) if is_vector else value

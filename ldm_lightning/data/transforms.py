@@ -53,12 +53,32 @@ class ResizeCrop:
         self.random_crop = random_crop
         self.flip = flip
 
+    def _draw(self, width: int, height: int) -> tuple[Box, bool]:
+        """The crop box and whether to flip, drawn once per image."""
+        box = square_box(width, height, self.random_crop)
+        return box, self.flip and bool(torch.rand(()) < 0.5)
+
+    def _apply(self, image: Image.Image, box: Box, flip: bool, resample: int) -> Image.Image:
+        image = image.resize((self.size, self.size), resample, box=box)
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        box = square_box(image.width, image.height, self.random_crop)
-        image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        if self.flip and torch.rand(()) < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_signed_tensor(image)
+        box, flip = self._draw(image.width, image.height)
+        return to_signed_tensor(self._apply(image, box, flip, Image.Resampling.BICUBIC))
+
+    def with_map(
+        self, image: Image.Image, segmentation: Image.Image
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image as :meth:`__call__` gives it and its semantic map (one channel of class
+        indices, the image's size) through the same crop and flip, resampled nearest:
+        ``([3, size, size] in [-1, 1], LongTensor [size, size])``."""
+        if segmentation.size != image.size:
+            raise ValueError(f"the semantic map is {segmentation.width}x{segmentation.height} "
+                             f"but its image {image.width}x{image.height}; they must match")
+        box, flip = self._draw(image.width, image.height)
+        pixels = to_signed_tensor(self._apply(image, box, flip, Image.Resampling.BICUBIC))
+        labels = self._apply(segmentation, box, flip, Image.Resampling.NEAREST)
+        return pixels, torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
 
     def __repr__(self) -> str:
         return (

@@ -157,3 +157,20 @@ def truncate_file(path: str | Path, keep: float = 0.5) -> None:
     """Cut a file to its first ``keep`` fraction of bytes (a broken download)."""
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[: int(len(data) * keep)])
+
+
+def write_semantic_maps(root: str | Path, maps: str | Path, boundary: int = 10) -> Path:
+    """A one-channel map ``maps/<relative path>.png`` for every PNG image under ``root``:
+    class 0 left of column ``boundary``, class 1 from it on, with the image's size. Images it
+    is written for are repainted to match: red on class 0, blue on class 1."""
+    root, maps = Path(root), Path(maps)
+    for path in sorted(root.rglob("*.png")):
+        width, height = Image.open(path).size
+        labels = np.zeros((height, width), dtype=np.uint8)
+        labels[:, boundary:] = 1
+        pixels = np.where(labels[..., None] == 1, (0, 0, 255), (255, 0, 0)).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(path)
+        target = (maps / path.relative_to(root)).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(labels, "L").save(target)
+    return maps

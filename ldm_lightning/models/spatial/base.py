@@ -40,6 +40,7 @@ class SpatialCondition(nn.Module):
     kind: ClassVar[str]  # the option of the config group model/spatial and the sample task
     inputs: ClassVar[tuple[str, ...]]  # the keys of its pixel inputs
     sample_usage: ClassVar[str]  # how the sample CLI gives them, in messages
+    data_hint: ClassVar[str] = "a dataset whose items have it"  # what data gives the batch key
 
     def __init__(self, p_uncond: float = 0.1) -> None:
         super().__init__()
@@ -75,7 +76,7 @@ class SpatialCondition(nn.Module):
         if key not in batch:
             hint = (
                 "data.cache_latents=false: cached latents carry no pixels"
-                if "latent" in batch else "a dataset whose items have it"
+                if "latent" in batch else self.data_hint
             )
             raise ValueError(
                 f"model/spatial={self.kind} builds its condition from the batch's {key!r}, "

@@ -24,6 +24,7 @@ class SemanticCondition(SpatialCondition):
     """
 
     kind = "semantic"
+    data_hint = "data=shapes, or data=image_folder with data.segmentation_dir=<maps>"
     inputs = ("segmentation",)
     sample_usage = "task=semantic image=<map png>"
 
