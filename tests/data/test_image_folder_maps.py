@@ -108,3 +108,29 @@ def test_folder_semantic_without_maps_names_the_missing_setting(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"model/spatial=semantic builds its condition from the "
                        r"batch's 'segmentation'.*data.segmentation_dir=<maps>"):
         train(cfg)
+
+
+def test_the_shapes_folder_script_writes_images_and_maps_the_folder_reads_back(
+    tmp_path: Path,
+) -> None:
+    import importlib.util
+
+    from ldm_lightning.data.shapes import ShapesDataset
+
+    script = Path(__file__).parents[2] / "experiments" / "make_shapes_folder.py"
+    spec = importlib.util.spec_from_file_location("make_shapes_folder", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    images, maps = module.write_folder(tmp_path, count=12, size=16)
+    data = ImageFolderDataModule(str(images), image_size=16, segmentation_dir=str(maps),
+                                 val_fraction=0.25, flip=False, random_crop=False)
+    data.setup()
+    shapes = ShapesDataset(12, 16)
+    for record_index, record in enumerate(data.dataset("train").records):
+        index = int(record.path.stem)
+        item, truth = data.dataset("train")[record_index], shapes[index]
+        assert record.path.parent.name == data.class_names[item["label"]]
+        drawn = shapes.spec(index)
+        assert record.path.parent.name == f"{drawn.colour} {drawn.shape}"
+        assert torch.equal(item["segmentation"], truth["segmentation"])
+        assert (item["image"] - truth["image"]).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit PNG
