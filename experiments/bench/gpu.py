@@ -8,6 +8,8 @@ Rows, each a ratio against its peer measured in the same run:
    diffusers' UNet2DModel of the same configuration (when importable; the peer), ours eager with
    torch's default AdamW (foreach), + fused AdamW, + regional torch.compile; images/s, counted
    TFLOP/s and % of peak, host synchronisations per step and the attention kernels that ran;
+   then one EMA update of its weights, Lightning's per-tensor EMAWeightAveraging (the peer)
+   against callbacks.ema.ForeachEMA (ema_update.py): ms, ops dispatched, host syncs;
 3. the same UNet trained through ``python -m ldm_lightning.train`` (gpu_loop.py; pixel space,
    identity first stage, shapes images at 64 px, EMA callback, bf16-mixed, 12 workers), eager
    and regional compile, each against its raw step;
@@ -33,8 +35,10 @@ import time
 from pathlib import Path
 
 import torch
+from ema_update import compare_updates
 from gpu_loop import train_run
-from gpu_step import bench_raw_steps
+from gpu_step import bench_raw_steps, unet_shape
+from unet_vs_diffusers import build_ours
 
 RESULTS = Path(__file__).parents[1] / "results" / "gpu"
 # What the project imports beyond torch, Lightning, torchmetrics and torchvision, as wheels
@@ -150,6 +154,12 @@ def main() -> None:
         note = f"host syncs/step: {r.syncs}; attention: {', '.join(r.kernels) or 'none seen'}"
         lines.append(row(f"raw step: {r.name}", r.images_per_s, "images/s", peer, tflops, peak,
                          note))
+    ema = compare_updates(build_ours(unet_shape(args.cpu_smoke)).to(device))
+    per_tensor = next(iter(ema.values()))["ms"]
+    for name, r in ema.items():
+        lines.append(row(f"EMA update: {name}", r["ms"], "ms", ("per tensor", per_tensor),
+                         note=f"{r['ops']} compute ops, {r['syncs']} host syncs"))
+    log("EMA updates:", {name: round(r["ms"], 2) for name, r in ema.items()})
     raw_by_name = {r.name: r.images_per_s for r in raw}
     loop_peers = {"eager": "ours, eager, fused AdamW", "compile": "ours, regional compile, "
                   "fused AdamW"}
