@@ -183,7 +183,7 @@ class AutoencoderLoss(nn.Module):
             "nll": nll,
             "g_loss": g_loss,
             "d_weight": d_weight,
-            "disc_factor": torch.tensor(factor),
+            "disc_factor": total.new_full((), factor),  # made on the device, not copied to it
             "reg": reg_loss,
         }
         return total, {k: v.detach() for k, v in logs.items()}

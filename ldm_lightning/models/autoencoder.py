@@ -118,6 +118,9 @@ class AutoencoderModule(SafeLoading, DataUser, FirstStage, pl.LightningModule):
         # Batches trained so far. Lightning's global_step counts optimizer steps (G and D),
         # which would make disc_start depend on whether D is already stepping.
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
+        # Its value on the host, read once a fit (after any checkpoint is restored): reading the
+        # buffer every step would wait for the device.
+        self._batch_clock: int | None = None
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self._code_counts: torch.Tensor | None = None
@@ -151,10 +154,15 @@ class AutoencoderModule(SafeLoading, DataUser, FirstStage, pl.LightningModule):
         ]
         return [opt for opt, _ in built], [scheduler for _, scheduler in built]
 
+    def on_train_start(self) -> None:
+        self._batch_clock = int(self.train_batches)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
         x = to_memory_format(batch["image"], self.hparams.channels_last)
-        step = int(self.train_batches)
+        if self._batch_clock is None:  # a step outside trainer.fit
+            self._batch_clock = int(self.train_batches)
+        step = self._batch_clock
         x_hat, reg, info = self(x)
 
         self.toggle_optimizer(opt_g)
@@ -182,6 +190,7 @@ class AutoencoderModule(SafeLoading, DataUser, FirstStage, pl.LightningModule):
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             sched_d.step()
         self.train_batches += 1
+        self._batch_clock += 1
 
         logs.update({k: info[k] for k in ("perplexity", "usage") if k in info})
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)

@@ -18,13 +18,17 @@ from torch import Tensor, nn
 
 from ldm_lightning.data.tokenizer import EOS_ID, PAD_ID, CaptionTokenizer
 from ldm_lightning.nn.text_encoder import TextEncoder
+from ldm_lightning.utils.device import on_host
 
 log = logging.getLogger(__name__)
 
 
 def check_labels(labels: Tensor | list[int], num_classes: int) -> Tensor:
-    """``labels`` as a long tensor, or a ValueError naming the valid range ``0..K-1``."""
+    """``labels`` as a long tensor, or a ValueError naming the valid range ``0..K-1`` (checked
+    on the host only: :func:`~ldm_lightning.utils.device.on_host`)."""
     labels = torch.as_tensor(labels, dtype=torch.long)
+    if not on_host(labels):
+        return labels
     bad = (labels < 0) | (labels >= num_classes)
     if bool(bad.any()):
         raise ValueError(

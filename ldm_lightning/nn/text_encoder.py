@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm_lightning.utils.device import on_host
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention ``softmax(Q K^T / sqrt(d) + mask) V`` over ``[B, L, D]``."""
@@ -108,7 +110,8 @@ class TextEncoder(nn.Module):
         """``tokens`` [B, L] long, L <= context_length, one ``eos_id`` per row.
 
         Returns the context [B, L, D] and the pooled vector [B, D] (output at the first
-        ``eos_id`` of each row).
+        ``eos_id`` of each row). A row without one is refused on the host
+        (:func:`~ldm_lightning.utils.device.on_host`).
         """
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
@@ -116,7 +119,7 @@ class TextEncoder(nn.Module):
                 f"{tuple(tokens.shape)}"
             )
         is_eos = tokens == self.eos_id
-        if not bool(is_eos.any(dim=1).all()):
+        if on_host(tokens) and not bool(is_eos.any(dim=1).all()):
             raise ValueError(f"every token row needs an end-of-text token (id {self.eos_id})")
         key_mask = tokens != self.pad_id
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
