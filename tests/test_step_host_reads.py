@@ -81,26 +81,33 @@ def accelerator_batches() -> Iterator[None]:
         yield
 
 
-RUNS = {
-    "shapes_ldm": [*TINY_LDM, "model.first_stage.identity=true", "data.cache_latents=false"],
-    "shapes_ldm_class": [*TINY_LDM, "model.first_stage.identity=true",
-                         "data.cache_latents=false"],
-    "shapes_ldm_text": [*TINY_LDM, "model.first_stage.identity=true", "data.cache_latents=false",
-                        "model.conditioning.text_ckpt_path=null",
-                        "model.conditioning.freeze_text=false",
-                        *(f"model.conditioning.{o}" for o in TINY_TEXT)],
+PIXELS = ["model.first_stage.identity=true", "data.cache_latents=false"]
+TINY_DIT = ["model/backbone=dit_shapes", "model.unet.hidden_size=32", "model.unet.depth=1",
+            "model.unet.num_heads=2", "data.image_size=16", "data.batch_size=4",
+            "data.num_train=16", "data.num_val=8", "data.num_test=8", "model.sampling.steps=4",
+            "model.num_log_images=4", "trainer.max_epochs=1"]
+RUNS = {  # id: the experiment and its overrides
+    "ldm-ddpm": ["shapes_ldm", *TINY_LDM, *PIXELS],
+    "ldm-flow-dit": ["shapes_ldm", *TINY_DIT, *PIXELS, "model/process=flow"],
+    "ldm-edm": ["shapes_ldm", *TINY_LDM, *PIXELS, "model/process=edm"],
+    "ldm-class": ["shapes_ldm_class", *TINY_LDM, *PIXELS],
+    "ldm-text": ["shapes_ldm_text", *TINY_LDM, *PIXELS, "model.conditioning.text_ckpt_path=null",
+                 "model.conditioning.freeze_text=false",
+                 *(f"model.conditioning.{o}" for o in TINY_TEXT)],
     # The GAN step: manual optimisation, two optimizers, the discriminator's start step.
-    "shapes_kl": [*TINY_AUTOENCODER, "model.loss.disc_start=0", "model.loss.perceptual_weight=0"],
+    "autoencoder-kl": ["shapes_kl", *TINY_AUTOENCODER, "model.loss.disc_start=0",
+                       "model.loss.perceptual_weight=0"],
 }
 
 
-@pytest.mark.parametrize("experiment", sorted(RUNS))
+@pytest.mark.parametrize("run", sorted(RUNS))
 def test_a_training_step_of_ours_reads_nothing_back_from_the_device(
-    experiment: str, tmp_path: Path
+    run: str, tmp_path: Path
 ) -> None:
+    experiment, *overrides = RUNS[run]
     cfg = compose_config([
-        f"+experiment={experiment}", *RUNS[experiment], "test=false", "trainer=cpu",
-        "logger=csv", "+callbacks.watch._target_=tests.test_step_host_reads.WatchOneStep",
+        f"+experiment={experiment}", *overrides, "test=false", "trainer=cpu", "logger=csv",
+        "+callbacks.watch._target_=tests.test_step_host_reads.WatchOneStep",
     ], tmp_path)
     assert "throughput" in cfg.callbacks and "progress_bar" in cfg.callbacks
     with accelerator_batches():
