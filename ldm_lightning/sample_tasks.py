@@ -11,10 +11,11 @@ known pixels back over an inpainted sample.
   masked image it is conditioned on; the known pixels are then pasted back, so they are kept
   exactly (as the original image's 8-bit PNG), ``x = x_known (1 - m) + x_sampled m``.
 - ``upscale``: ``image`` the low-resolution RGB PNG (``image_size / factor`` square).
-- ``semantic``: ``image`` the map as a grayscale PNG at the model's size, either class indices
-  (every value at most K - 1: the maps of an image folder's ``segmentation_dir``) or, to draw
-  by hand, K classes at K evenly spaced gray levels: class ``round(v (K - 1) / 255)`` (K = 2:
-  black 0, white 1).
+- ``semantic``: ``image`` the map at the model's size: a palette or 16/32-bit map holds class
+  indices, read as an image folder's ``segmentation_dir`` reads them
+  (:func:`~ldm_lightning.data.image_io.load_map`); a gray PNG holds class indices too when
+  every value is at most K - 1, else, to draw by hand, K classes at K evenly spaced gray
+  levels: class ``round(v (K - 1) / 255)`` (K = 2: black 0, white 1).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm_lightning.data.image_io import load_rgb
+from ldm_lightning.data.image_io import MAP_MODES, load_map, load_rgb
 from ldm_lightning.models import LatentDiffusionModule
 
 __all__ = ["TASKS", "finish_task", "task_inputs"]
@@ -46,9 +47,15 @@ def _gray(path: str | os.PathLike) -> Tensor:
         return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))
 
 
-def _class_indices(gray: Tensor, num_classes: int) -> Tensor:
-    """A map's classes from its gray values: the values themselves where none exceeds
-    ``num_classes - 1``, else ``num_classes`` evenly spaced gray levels (module docstring)."""
+def _class_indices(path: str | os.PathLike, num_classes: int) -> Tensor:
+    """``[H, W]`` the classes of a map file (module docstring): an indexed map's values; a gray
+    one's values where none exceeds ``num_classes - 1``, else ``num_classes`` evenly spaced
+    gray levels."""
+    with Image.open(path) as image:
+        indexed = image.mode in MAP_MODES and image.mode != "L"
+    if indexed:  # palette indices, not the luminance of the palette's colours
+        return torch.from_numpy(np.asarray(load_map(path), dtype=np.int64))
+    gray = _gray(path)
     if gray.max() <= num_classes - 1:
         return gray.long()
     return (gray * (num_classes - 1) / 255).round().long()
@@ -87,7 +94,7 @@ def task_inputs(
     elif task == "upscale":
         inputs = {"image": _rgb(image)}
     else:
-        inputs = {"segmentation": _class_indices(_gray(image), spatial.num_classes)[None]}
+        inputs = {"segmentation": _class_indices(image, spatial.num_classes)[None]}
     return spatial.check(inputs, model.hparams.image_size)
 
 

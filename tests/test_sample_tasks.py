@@ -26,6 +26,14 @@ def write_png(array: np.ndarray, path: Path) -> Path:
     return path
 
 
+def write_palette_png(indices: np.ndarray, path: Path) -> Path:
+    """Class indices as a palette PNG (class 1 red: its gray level, 76, is no class index)."""
+    image = Image.fromarray(indices.astype(np.uint8), "P")
+    image.putpalette([0, 0, 0, 255, 0, 0])
+    image.save(path)
+    return path
+
+
 def read_png(path: Path) -> torch.Tensor:
     return torchvision.io.read_image(str(path)).float() / 127.5 - 1
 
@@ -46,6 +54,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "small_mask": write_png(mask[::2, ::2], root / "small_mask.png"),
         "map": write_png(segmentation, root / "map.png"),  # drawn by hand: black 0, white 1
         "index_map": write_png(segmentation / 255, root / "index_map.png"),  # a folder's: 0, 1
+        "palette_map": write_palette_png(segmentation / 255, root / "palette_map.png"),
         **{kind: write_checkpoint(model, root / f"{kind}.ckpt") for kind, model in models.items()},
     }
 
@@ -72,13 +81,13 @@ def test_inpainting_keeps_the_unmasked_region_and_fills_the_masked_one(files, tm
 
 @pytest.mark.parametrize(("task", "image", "key"), [
     ("upscale", "low", "image"), ("semantic", "map", "segmentation"),
-    ("semantic", "index_map", "segmentation"),
+    ("semantic", "index_map", "segmentation"), ("semantic", "palette_map", "segmentation"),
 ])
 def test_upscale_and_semantic_sample_their_condition(files, tmp_path, task, image, key) -> None:
     sample(tmp_path, f"ckpt_path={files[task]}", f"task={task}", f"image={files[image]}")
     given = read_png(files[image])
-    if task == "semantic":  # gray levels 0 / 255 and class indices 0 / 1 read the same
-        given = (torchvision.io.read_image(str(files[image]))[:1] > 0).long()
+    if task == "semantic":  # gray levels 0 / 255, gray or palette class indices 0 / 1 alike
+        given = torch.from_numpy(np.asarray(Image.open(files[image])) > 0).long()[None]
         assert 0 < given.float().mean() < 1
     model = load_stage(LatentDiffusionModule, files[task], "latent_diffusion")
     expected = model.sample(n=2, seed=0, spatial={key: given})
