@@ -134,3 +134,19 @@ def test_the_shapes_folder_script_writes_images_and_maps_the_folder_reads_back(
         assert record.path.parent.name == f"{drawn.colour} {drawn.shape}"
         assert torch.equal(item["segmentation"], truth["segmentation"])
         assert (item["image"] - truth["image"]).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit PNG
+
+
+def test_palette_maps_are_read_as_their_class_indices(tmp_path: Path) -> None:
+    """Segmentation datasets often ship palette PNGs: the indices count, not the colours."""
+    root, maps = _folder(tmp_path)
+    for path in maps.rglob("*.png"):
+        palette = Image.open(path).convert("P")  # same indices 0 / 1, now a palette image
+        palette.putpalette([0, 0, 0, 255, 0, 0])
+        palette.save(path)
+    data = ImageFolderDataModule(str(root), image_size=16, segmentation_dir=str(maps),
+                                 val_fraction=0.25, random_crop=False, flip=False)
+    data.setup()
+    item = data.dataset("val")[0]
+    assert Image.open(next(maps.rglob("*.png"))).mode == "P"
+    assert set(item["segmentation"].unique().tolist()) == {0, 1}
+    assert torch.equal(item["segmentation"] == 1, item["image"][2] > item["image"][0])
